@@ -1,0 +1,197 @@
+"""Proxy configuration: TOML text in, validated typed config out (sans-I/O).
+
+Errors name the offending key (``backends[2].auth.type``) or, for TOML syntax, the line.
+``${NAME}`` in an auth value is replaced from the environment given to ``parse_config``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from .usage import Protocol
+
+AUTH_TYPES = ("bearer", "header", "query", "none")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+DEFAULT_ROUTES = {
+    "/v1/chat/completions": Protocol.OPENAI_CHAT,
+    "/v1/completions": Protocol.OPENAI_COMPLETIONS,
+    "/v1/embeddings": Protocol.OPENAI_EMBEDDINGS,
+    "/v1/messages": Protocol.ANTHROPIC_MESSAGES,
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Secret(str):
+    """A credential: a str that never shows itself in repr or logs."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAuth:
+    type: str  # one of AUTH_TYPES
+    name: str  # header or query parameter name ("" for bearer/none)
+    value: Secret | None  # None when the environment lacks the variable
+    missing_env: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str
+    models: tuple[str, ...]
+    auth: UpstreamAuth
+
+    def serves(self, model: str) -> bool:
+        return any(
+            model.startswith(pattern[:-1]) if pattern.endswith("*") else model == pattern
+            for pattern in self.models
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    path: str
+    protocol: Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    backends: tuple[Backend, ...]
+    routes: Mapping[str, Route]
+    default_plan: str = "free"
+    warnings: tuple[str, ...] = field(default=())
+
+    def backend_for(self, model: str) -> Backend | None:
+        """First backend, in file order, whose model list matches."""
+        return next((b for b in self.backends if b.serves(model)), None)
+
+
+def parse_config(text: str, env: Mapping[str, str]) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}") from None
+    warnings: list[str] = []
+    proxy = _table(data, "proxy", "proxy")
+    default_plan = _str(proxy.get("default_plan", "free"), "proxy.default_plan")
+    backends = tuple(
+        _backend(item, f"backends[{i}]", env, warnings)
+        for i, item in enumerate(_list(data, "backends"))
+    )
+    if not backends:
+        raise ConfigError("backends: at least one [[backends]] entry is required")
+    names = [b.name for b in backends]
+    if dup := {n for n in names if names.count(n) > 1}:
+        raise ConfigError(f"backends: duplicate name {sorted(dup)[0]!r}")
+    routes = _routes(data)
+    return Config(backends, routes, default_plan, tuple(warnings))
+
+
+def _routes(data: dict[str, Any]) -> dict[str, Route]:
+    if "routes" not in data:
+        return {path: Route(path, proto) for path, proto in DEFAULT_ROUTES.items()}
+    routes: dict[str, Route] = {}
+    for i, item in enumerate(_list(data, "routes")):
+        where = f"routes[{i}]"
+        path = _str(item.get("path"), f"{where}.path")
+        if not path.startswith("/"):
+            raise ConfigError(f"{where}.path: must start with '/', got {path!r}")
+        proto = _str(item.get("protocol", DEFAULT_ROUTES.get(path, "")), f"{where}.protocol")
+        try:
+            protocol = Protocol(proto)
+        except ValueError:
+            choices = ", ".join(p.value for p in Protocol)
+            raise ConfigError(f"{where}.protocol: {proto!r} is not one of {choices}") from None
+        if path in routes:
+            raise ConfigError(f"{where}.path: duplicate route {path!r}")
+        routes[path] = Route(path, protocol)
+    return routes
+
+
+def _backend(item: Any, where: str, env: Mapping[str, str], warnings: list[str]) -> Backend:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: must be a table")
+    name = _str(item.get("name"), f"{where}.name")
+    url = _str(item.get("url"), f"{where}.url")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}.url: expected http(s)://host[:port][/prefix], got {url!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"{where}.url: bad port in {url!r}") from None
+    models = item.get("models")
+    if not isinstance(models, list) or not models or not all(
+        isinstance(m, str) and m for m in models
+    ):
+        raise ConfigError(f"{where}.models: must be a non-empty list of model names")
+    auth = _auth(item.get("auth", {"type": "none"}), f"{where}.auth", env)
+    if auth.missing_env:
+        warnings.append(
+            f"backend {name!r}: environment variable {', '.join(auth.missing_env)} is not set;"
+            " its requests are refused until it is"
+        )
+    return Backend(
+        name=name,
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port,
+        path_prefix=parts.path.rstrip("/"),
+        models=tuple(models),
+        auth=auth,
+    )
+
+
+def _auth(item: Any, where: str, env: Mapping[str, str]) -> UpstreamAuth:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: must be a table like {{ type = \"bearer\", value = ... }}")
+    kind = _str(item.get("type"), f"{where}.type")
+    if kind not in AUTH_TYPES:
+        raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(AUTH_TYPES)}")
+    if kind == "none":
+        return UpstreamAuth("none", "", None)
+    name = ""
+    if kind in ("header", "query"):
+        name = _str(item.get("name"), f"{where}.name")
+    template = _str(item.get("value"), f"{where}.value")
+    missing = tuple(m for m in _ENV_REF.findall(template) if m not in env)
+    if missing:
+        return UpstreamAuth(kind, name, None, missing)
+    value = _ENV_REF.sub(lambda m: env[m.group(1)], template)
+    return UpstreamAuth(kind, name, Secret(value))
+
+
+def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a table")
+    return value
+
+
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: must be a non-empty string")
+    return value

@@ -1,0 +1,41 @@
+"""ProxyDefaults addon: the mitmproxy settings the billing proxy needs, so that a plain
+``mitmdump -s addons/llm_billing_proxy.py`` works.
+
+- Reverse mode: clients talk to us as if we were the API. Every request is answered here
+  or rewritten to its backend, so the reverse target itself is never contacted.
+- ``connection_strategy=lazy``: connect upstream per request, after routing (eager would
+  connect to the reverse target as soon as a client connects).
+- ``UpstreamCredentials`` joins the very end of the addon chain (see upstream_auth).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import ctx
+
+from .upstream_auth import UpstreamCredentials
+
+logger = logging.getLogger(__name__)
+
+UNUSED_REVERSE_TARGET = "reverse:http://127.0.0.1:9"
+
+
+class ProxyDefaults:
+    def load(self, loader) -> None:
+        addons = ctx.master.addons
+        if addons.get(UpstreamCredentials.name) is None:
+            addons.add(UpstreamCredentials())
+
+    def running(self) -> None:
+        # Not in load/configure: the command line is applied after scripts load and would
+        # set the mode back. Until this runs the router still answers or rewrites every
+        # request, so the brief default listener forwards nothing anywhere else.
+        updates = {}
+        if list(ctx.options.mode) == ["regular"]:
+            updates["mode"] = [UNUSED_REVERSE_TARGET]
+        if ctx.options.connection_strategy != "lazy":
+            updates["connection_strategy"] = "lazy"
+        if updates:
+            logger.info(f"Billing proxy defaults: {updates}")
+            ctx.options.update(**updates)

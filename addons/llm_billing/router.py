@@ -1,0 +1,103 @@
+"""Router addon: pick the backend by model and rewrite the request for it.
+
+Exact path matching (seed 000). The body's ``model`` chooses the first backend that serves
+it. The request goes upstream with ``X-User-ID``/``X-Plan-ID`` (seed 000) and, for an
+OpenAI-compatible stream that did not ask for usage, ``stream_options.include_usage`` —
+the meter hides the extra usage chunk again so the client sees the stream it asked for.
+Upstream credentials are attached by ``UpstreamCredentials`` at the end of the chain.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mitmproxy import http
+
+from . import context
+from .config import Backend, Config
+from .errors import error_response
+from .settings import Settings
+from .usage import parse_json, prompt_chars
+
+CALLER_HEADERS = ("x-user-id", "x-plan-id")
+
+
+def inject_include_usage(body: dict[str, Any]) -> bool:
+    """Ask an OpenAI-compatible server for the final usage chunk; True if we had to.
+
+    Only for ``stream: true``: vLLM rejects ``stream_options`` on non-streaming requests.
+    """
+    if body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                              "include_usage": True}
+    return True
+
+
+def upstream_path(backend: Backend, request_path: str) -> str:
+    return backend.path_prefix + request_path
+
+
+class Router:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        config = self.settings.config
+        assert config is not None
+        path = flow.request.path.partition("?")[0]
+        if path not in config.routes:
+            flow.response = error_response(
+                "openai", 404, f"Unknown path {path!r}. Supported: {', '.join(config.routes)}.",
+                "unknown_path")
+            return
+        ctx = context.of(flow)
+        if ctx is None:  # KeyAuth answered already or the flow is not ours
+            return
+        self._route(flow, ctx, config)
+
+    def _route(self, flow: http.HTTPFlow, ctx: context.RequestContext, config: Config) -> None:
+        fmt = ctx.protocol.error_format
+        body = parse_json(flow.request.content or b"")
+        if not isinstance(body, dict):
+            flow.response = error_response(
+                fmt, 400, "The request body must be a JSON object.", "invalid_json")
+            return
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            flow.response = error_response(
+                fmt, 400, "The request body must name a 'model'.", "missing_model")
+            return
+        backend = config.backend_for(model)
+        if backend is None:
+            flow.response = error_response(
+                fmt, 404, f"The model '{model}' does not exist or you do not have access to it.",
+                "model_not_found")
+            return
+        if backend.auth.missing_env:
+            flow.response = error_response(
+                fmt, 503, f"The backend for model '{model}' is not configured.",
+                "backend_unavailable")
+            return
+        ctx.model, ctx.backend, ctx.plan_id = model, backend, config.default_plan
+        ctx.stream = body.get("stream") is True
+        ctx.prompt_chars = prompt_chars(body)
+        if ctx.protocol.accepts_stream_options and inject_include_usage(body):
+            ctx.usage_injected = True
+            flow.request.content = json.dumps(body, ensure_ascii=False).encode()
+            # The meter edits this stream; keep it uncompressed so it can.
+            flow.request.headers["accept-encoding"] = "identity"
+        request = flow.request
+        request.scheme, request.host, request.port = backend.scheme, backend.host, backend.port
+        request.path = upstream_path(backend, request.path)
+        for name in CALLER_HEADERS:
+            request.headers.pop(name, None)
+        request.headers["X-User-ID"] = str(ctx.caller.user_id)
+        request.headers["X-Plan-ID"] = ctx.plan_id
+        context.summarize(flow, stream=ctx.stream, usage_injected=ctx.usage_injected)

@@ -1,0 +1,32 @@
+"""llm-billing-proxy: bill LLM API users per token.
+
+    mitmdump -s addons/llm_billing_proxy.py       # or mitmweb -s ..., to watch flows
+
+Addons run in this order on each request; see README.md ("Architecture").
+"""
+
+from llm_billing import proxy_errors
+from llm_billing.database import Database
+from llm_billing.defaults import ProxyDefaults
+from llm_billing.eventlog import EventLog
+from llm_billing.keyauth import KeyAuth
+from llm_billing.meter import Meter
+from llm_billing.router import Router
+from llm_billing.settings import Settings
+from llm_billing.upstream_auth import CredentialRedactor
+
+proxy_errors.install()
+
+settings = Settings()
+database = Database()
+
+addons = [
+    ProxyDefaults(),
+    settings,
+    KeyAuth(database, settings),
+    Router(settings),
+    CredentialRedactor(),
+    Meter(),
+    EventLog(database),
+    database,  # last, so it closes after the event log has flushed
+]

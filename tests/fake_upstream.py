@@ -1,0 +1,319 @@
+"""A stand-in LLM server that speaks OpenAI's and Anthropic's exact wire formats.
+
+Deterministic: the same request gets the same bytes (ids come from the ``X-Test-Id``
+header), so a test can render what the upstream *would* have sent and compare bytes.
+It records every request it received and every byte it sent, per test id.
+
+Scenarios, chosen by the ``X-Fake-Scenario`` request header:
+- ``gated``: send the first content chunk, then wait for ``release(test_id)`` before the
+  rest — proves the proxy does not buffer.
+- ``status-<code>``: answer with that HTTP error in the provider's error format.
+- ``cut``: stop mid-stream without usage or terminator, closing the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+CREATED = 1_700_000_000
+WORDS = ["Hello", "!", " How", " can", " I", " help", " you", " today", "?"]
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def prompt_tokens_for(body: dict[str, Any]) -> int:
+    """A deterministic 'tokenizer': enough to give every request its own count."""
+    return 7 + len(json.dumps(body.get("messages") or body.get("input") or body.get("prompt")
+                              or "")) // 4
+
+
+def completion_words(body: dict[str, Any]) -> list[str]:
+    n = body.get("max_tokens") or body.get("max_completion_tokens") or len(WORDS)
+    return (WORDS * 10)[: min(int(n), 60)]
+
+
+@dataclass
+class Exchange:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    sent: bytearray = field(default_factory=bytearray)
+    usage: dict[str, Any] | None = None  # what the upstream reported
+    finished: bool = False  # the last byte was sent
+
+
+# --- OpenAI chat completions -------------------------------------------------------------
+
+def openai_chat_usage(body: dict[str, Any]) -> dict[str, Any]:
+    prompt = prompt_tokens_for(body)
+    completion = len(completion_words(body))
+    cached = 64 if "cache" in _dumps(body.get("messages", "")) else 0
+    reasoning = 12 if str(body.get("model", "")).startswith("o") else 0
+    return {
+        "prompt_tokens": prompt, "completion_tokens": completion + reasoning,
+        "total_tokens": prompt + completion + reasoning,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0,
+                                      "rejected_prediction_tokens": 0},
+    }
+
+
+def openai_chat_stream(body: dict[str, Any], test_id: str) -> list[bytes]:
+    """The SSE events OpenAI sends, one bytes object per event."""
+    include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+    base = {"id": f"chatcmpl-{test_id}", "object": "chat.completion.chunk", "created": CREATED,
+            "model": "gpt-4o-mini-2024-07-18", "service_tier": "default",
+            "system_fingerprint": "fp_b376dfbbd5"}
+
+    def chunk(delta: dict, finish: str | None) -> bytes:
+        obj = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                    "finish_reason": finish}]}
+        if include_usage:
+            obj["usage"] = None
+        return f"data: {_dumps(obj)}\n\n".encode()
+
+    events = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
+    events += [chunk({"content": w}, None) for w in completion_words(body)]
+    events.append(chunk({}, "stop"))
+    if include_usage:
+        usage_chunk = {**base, "choices": [], "usage": openai_chat_usage(body)}
+        events.append(f"data: {_dumps(usage_chunk)}\n\n".encode())
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def openai_chat_json(body: dict[str, Any], test_id: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{test_id}", "object": "chat.completion", "created": CREATED,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "message": {"role": "assistant",
+                                             "content": "".join(completion_words(body)),
+                                             "refusal": None, "annotations": []},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": openai_chat_usage(body), "service_tier": "default",
+        "system_fingerprint": "fp_b376dfbbd5",
+    }
+
+
+def openai_completions_stream(body: dict[str, Any], test_id: str) -> list[bytes]:
+    include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+    base = {"id": f"cmpl-{test_id}", "object": "text_completion", "created": CREATED,
+            "model": body.get("model", "")}
+    events = []
+    for w in completion_words(body):
+        obj = {**base, "choices": [{"text": w, "index": 0, "logprobs": None,
+                                    "finish_reason": None}]}
+        if include_usage:
+            obj["usage"] = None
+        events.append(f"data: {_dumps(obj)}\n\n".encode())
+    if include_usage:
+        usage = openai_chat_usage(body)
+        usage.pop("prompt_tokens_details")
+        usage.pop("completion_tokens_details")
+        events.append(f"data: {_dumps({**base, 'choices': [], 'usage': usage})}\n\n".encode())
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def openai_embeddings_json(body: dict[str, Any]) -> dict[str, Any]:
+    inputs = body.get("input")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    tokens = prompt_tokens_for(body)
+    return {"object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": [0.0125, -0.5, 0.25]}
+                     for i in range(len(items))],
+            "model": body.get("model"), "usage": {"prompt_tokens": tokens,
+                                                  "total_tokens": tokens}}
+
+
+# --- Anthropic messages ------------------------------------------------------------------
+
+def anthropic_usage(body: dict[str, Any]) -> dict[str, Any]:
+    cached = "cache" in _dumps(body.get("messages", ""))
+    return {"input_tokens": prompt_tokens_for(body),
+            "cache_creation_input_tokens": 1024 if cached else 0,
+            "cache_read_input_tokens": 2048 if cached else 0,
+            "output_tokens": len(completion_words(body)), "service_tier": "standard"}
+
+
+def anthropic_message_json(body: dict[str, Any], test_id: str) -> dict[str, Any]:
+    return {"id": f"msg_{test_id}", "type": "message", "role": "assistant",
+            "model": body.get("model"),
+            "content": [{"type": "text", "text": "".join(completion_words(body))}],
+            "stop_reason": "end_turn", "stop_sequence": None, "usage": anthropic_usage(body)}
+
+
+def anthropic_stream(body: dict[str, Any], test_id: str) -> list[bytes]:
+    usage = anthropic_usage(body)
+    start_usage = {**usage, "output_tokens": 1}
+    message = {**anthropic_message_json(body, test_id), "content": [], "stop_reason": None,
+               "usage": start_usage}
+
+    def event(name: str, data: dict) -> bytes:
+        return f"event: {name}\ndata: {_dumps(data)}\n\n".encode()
+
+    events = [
+        event("message_start", {"type": "message_start", "message": message}),
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}}),
+        b'event: ping\ndata: {"type": "ping"}\n\n',
+    ]
+    events += [event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": w}})
+               for w in completion_words(body)]
+    events += [
+        event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        event("message_delta", {"type": "message_delta",
+                                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                "usage": {"output_tokens": usage["output_tokens"]}}),
+        event("message_stop", {"type": "message_stop"}),
+    ]
+    return events
+
+
+def error_json(path: str, status: int) -> dict[str, Any]:
+    if path.endswith("/messages"):
+        return {"type": "error", "error": {"type": "overloaded_error" if status == 529
+                                           else "api_error", "message": "Overloaded"}}
+    return {"error": {"message": "The server had an error", "type": "server_error",
+                      "param": None, "code": None}}
+
+
+# --- The server --------------------------------------------------------------------------
+
+class FakeUpstream:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, chunk_delay: float = 0.0):
+        self.exchanges: dict[str, Exchange] = {}
+        self.gates: dict[str, threading.Event] = {}
+        self.chunk_delay = chunk_delay
+        self._lock = threading.Lock()
+        upstream = self
+
+        class Handler(_Handler):
+            fake = upstream
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> FakeUpstream:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def gate(self, test_id: str) -> threading.Event:
+        with self._lock:
+            return self.gates.setdefault(test_id, threading.Event())
+
+    def release(self, test_id: str) -> None:
+        self.gate(test_id).set()
+
+    def exchange(self, test_id: str) -> Exchange:
+        return self.exchanges[test_id]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    fake: FakeUpstream
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(length)
+        test_id = self.headers.get("x-test-id") or f"anon{time.monotonic_ns()}"
+        ex = Exchange("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, raw)
+        self.fake.exchanges[test_id] = ex
+        body = json.loads(raw or b"{}")
+        scenario = self.headers.get("x-fake-scenario", "")
+        path = self.path.partition("?")[0]
+        if scenario.startswith("status-"):
+            status = int(scenario.removeprefix("status-"))
+            return self._json(ex, status, error_json(path, status))
+        streaming = body.get("stream") is True
+        if path.endswith("/chat/completions"):
+            if not streaming:
+                ex.usage = openai_chat_usage(body)
+                return self._json(ex, 200, openai_chat_json(body, test_id))
+            events = openai_chat_stream(body, test_id)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                ex.usage = openai_chat_usage(body)
+            return self._sse(ex, events, test_id, scenario)
+        if path.endswith("/completions"):
+            events = openai_completions_stream(body, test_id)
+            return self._sse(ex, events, test_id, scenario)
+        if path.endswith("/embeddings"):
+            doc = openai_embeddings_json(body)
+            ex.usage = doc["usage"]
+            return self._json(ex, 200, doc)
+        if path.endswith("/messages"):
+            ex.usage = anthropic_usage(body)
+            if not streaming:
+                return self._json(ex, 200, anthropic_message_json(body, test_id))
+            return self._sse(ex, anthropic_stream(body, test_id), test_id, scenario)
+        return self._json(ex, 404, {"error": {"message": "no such path"}})
+
+    def _write(self, ex: Exchange, data: bytes) -> None:
+        self.wfile.write(data)
+        self.wfile.flush()
+        ex.sent += data
+
+    def _json(self, ex: Exchange, status: int, doc: dict[str, Any]) -> None:
+        data = _dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.send_header("x-request-id", "req_fake")
+        self.end_headers()
+        self._write(ex, data)
+        ex.finished = True
+
+    def _sse(self, ex: Exchange, events: list[bytes], test_id: str, scenario: str) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("transfer-encoding", "chunked")
+        self.send_header("cache-control", "no-cache")
+        self.end_headers()
+        for i, event in enumerate(events):
+            if scenario == "cut" and i == len(events) // 2:
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            if scenario == "gated" and i == 2:
+                self.fake.gate(test_id).wait(30)
+            elif self.fake.chunk_delay:
+                time.sleep(self.fake.chunk_delay)
+            self.wfile.write(b"%x\r\n" % len(event) + event + b"\r\n")
+            self.wfile.flush()
+            ex.sent += event
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+        ex.finished = True
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the fake LLM upstream.")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--chunk-delay", type=float, default=0.0)
+    args = parser.parse_args()
+    fake = FakeUpstream(port=args.port, chunk_delay=args.chunk_delay)
+    print(f"fake upstream on {fake.url}", flush=True)
+    fake.server.serve_forever()
