@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 
-from _cli import database_uri
 from pymongo import MongoClient
+
+from _cli import database_uri
 
 SAMPLE_KEYS = [  # the same keys as sample.js
     {"token": "token1", "user_id": "user1", "date_expiry": None},

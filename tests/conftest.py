@@ -23,12 +23,10 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "addons"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_upstream import FakeUpstream
+from llm_billing.embedded_db import start_embedded_db
 
-from fake_upstream import FakeUpstream  # noqa: E402
-from llm_billing.embedded_db import start_embedded_db  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 UPSTREAM_KEYS = {  # what the fake upstream must receive; never what clients send

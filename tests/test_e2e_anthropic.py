@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anthropic
 import httpx
+
 from conftest import UPSTREAM_KEYS, ApiKey, Proxy, wait_for_events
 from fake_upstream import FakeUpstream
 

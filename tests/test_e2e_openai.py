@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 from bson import ObjectId
+
 from conftest import UPSTREAM_KEYS, ApiKey, Proxy, wait_for_events
 from fake_upstream import FakeUpstream, openai_chat_stream
 

@@ -121,7 +121,7 @@ class EventLog:
                 return
             except BulkWriteError as e:
                 retry, rejected = split_bulk_error(pending, e)
-                self.written += len(pending) - len(retry) - len(rejected)
+                self.written += e.details.get("nInserted", 0)
                 if rejected:
                     logger.error(f"{len(rejected)} events rejected by the database; kept in "
                                  f"{DEAD_LETTER_FILE}")

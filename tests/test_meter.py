@@ -1,0 +1,114 @@
+"""The stream callable: bytes pass unchanged (or minus the injected usage chunk), usage is
+read whatever the chunking, garbage never raises."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fake_upstream import anthropic_stream, openai_chat_stream, openai_chat_usage
+from llm_billing.meter import StreamMeter, strip_null_usage
+from llm_billing.usage import Protocol, Usage
+
+BODY = {"model": "o3-mini", "messages": [{"role": "user", "content": "cache it"}],
+        "stream": True}
+WITH_USAGE = {**BODY, "stream_options": {"include_usage": True}}
+INJECTED_STREAM = b"".join(openai_chat_stream(WITH_USAGE, "t"))
+CLIENT_STREAM = b"".join(openai_chat_stream(BODY, "t"))
+USAGE = openai_chat_usage(WITH_USAGE)
+
+
+def run(meter: StreamMeter, stream: bytes, cuts: list[int]) -> bytes:
+    out = []
+    start = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        out.append(meter(stream[start:cut]) if cut > start else b"")
+        start = cut
+    out.append(meter(b""))
+    meter.close()
+    flat = []
+    for item in out:
+        flat += [item] if isinstance(item, bytes) else item
+    return b"".join(flat)
+
+
+def chat_meter(hide: bool, encoding: str = "") -> StreamMeter:
+    return StreamMeter(Protocol.OPENAI_CHAT, sse=True, content_encoding=encoding,
+                       hide_usage_chunk=hide)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, len(INJECTED_STREAM)), max_size=30))
+def test_injected_usage_chunk_is_hidden_at_any_chunking(cuts: list[int]):
+    meter = chat_meter(hide=True)
+    assert run(meter, INJECTED_STREAM, cuts) == CLIENT_STREAM
+    assert meter.tracker.usage == Usage(
+        prompt_tokens=USAGE["prompt_tokens"], completion_tokens=USAGE["completion_tokens"],
+        cache_read_tokens=64, reasoning_tokens=12)
+    assert meter.tracker.finished
+
+
+@settings(max_examples=100)
+@given(st.lists(st.integers(0, len(INJECTED_STREAM)), max_size=30))
+def test_passthrough_returns_each_chunk_unchanged(cuts: list[int]):
+    meter = chat_meter(hide=False)
+    start = 0
+    for cut in [*sorted(set(cuts)), len(INJECTED_STREAM)]:
+        chunk = INJECTED_STREAM[start:cut]
+        assert meter(chunk) is chunk
+        start = cut
+    assert meter.tracker.usage is not None and meter.tracker.usage.prompt_tokens > 0
+
+
+def test_crlf_stream_hides_usage_chunk_exactly():
+    crlf = INJECTED_STREAM.replace(b"\n", b"\r\n")
+    expected = CLIENT_STREAM.replace(b"\n", b"\r\n")
+    for cut in range(len(crlf)):
+        assert run(chat_meter(hide=True), crlf, [cut]) == expected
+
+
+def test_gzip_stream_is_metered_and_passed_compressed():
+    compressed = gzip.compress(INJECTED_STREAM)
+    meter = chat_meter(hide=False, encoding="gzip")
+    assert run(meter, compressed, list(range(0, len(compressed), 7))) == compressed
+    assert meter.tracker.usage.completion_tokens == USAGE["completion_tokens"]
+
+
+def test_anthropic_takes_last_cumulative_usage():
+    body = {"model": "claude", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    meter = StreamMeter(Protocol.ANTHROPIC_MESSAGES, sse=True, content_encoding="",
+                        hide_usage_chunk=False)
+    stream = b"".join(anthropic_stream(body, "t"))
+    run(meter, stream, [])
+    assert meter.tracker.usage.completion_tokens == 5  # message_delta's, not 1 + 5
+
+
+def test_json_body_usage():
+    doc = {"usage": {"prompt_tokens": 11, "completion_tokens": 3}}
+    meter = StreamMeter(Protocol.OPENAI_CHAT, sse=False, content_encoding="",
+                        hide_usage_chunk=False)
+    data = json.dumps(doc).encode()
+    assert run(meter, data, [5]) == data
+    assert meter.tracker.usage == Usage(prompt_tokens=11, completion_tokens=3)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=600), st.lists(st.integers(0, 600), max_size=10),
+       st.booleans(), st.sampled_from(list(Protocol)))
+def test_garbage_never_raises(stream: bytes, cuts: list[int], hide: bool, protocol: Protocol):
+    meter = StreamMeter(protocol, sse=True, content_encoding="", hide_usage_chunk=hide)
+    out = run(meter, stream, [c for c in cuts if c <= len(stream)])
+    if not hide:
+        assert out == stream
+
+
+def test_strip_null_usage_only_touches_the_top_level_key():
+    raw = b'data: {"a":{"usage":null},"b":"\\"usage\\":null","usage":null}\n\n'
+    payload = {"a": {"usage": None}, "b": '"usage":null', "usage": None}
+    assert strip_null_usage(raw, payload) == \
+        b'data: {"a":{"usage":null},"b":"\\"usage\\":null"}\n\n'
+    first = b'data: {"usage": null, "x": 1}\n\n'
+    assert strip_null_usage(first, {"usage": None, "x": 1}) == b'data: {"x": 1}\n\n'
