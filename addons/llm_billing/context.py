@@ -44,6 +44,7 @@ class RequestContext:
     prompt_chars: int = 0  # characters of prompt text, for estimates only
     meter: StreamMeter | None = None
     outcome: Outcome | None = None  # set once, in response or error
+    sending: bool = False  # request hook done, response headers not yet in
     logged: bool = False  # its completion event went to the event log
 
 
