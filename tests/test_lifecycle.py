@@ -1,0 +1,127 @@
+"""Process-level behaviour: SIGHUP reload, cut-off streams, sample keys, saved flows."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import (
+    MITMDUMP,
+    ROOT,
+    ApiKey,
+    Proxy,
+    start_proxy,
+    stop_proxy,
+    wait_for_events,
+    write_config,
+)
+from fake_upstream import FakeUpstream
+
+MESSAGES = [{"role": "user", "content": "Hello!"}]
+
+
+@pytest.fixture
+def own_proxy(tmp_path, mongo_uri: str, upstream: FakeUpstream):
+    config = write_config(tmp_path / "config.toml", upstream.url, "http://127.0.0.1:9")
+    proxy = start_proxy(tmp_path, mongo_uri, config)
+    yield proxy
+    stop_proxy(proxy)
+
+
+def chat(proxy: Proxy, token: str, model: str, **kwargs):
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=token, max_retries=0)
+    return client.chat.completions.create(model=model, messages=MESSAGES, **kwargs)
+
+
+def test_sighup_reloads_backends_and_keeps_config_on_error(own_proxy: Proxy, key: ApiKey):
+    with pytest.raises(openai.NotFoundError):
+        chat(own_proxy, key.token, "hot-model")
+    original = own_proxy.config_path.read_text()
+    own_proxy.config_path.write_text(original.replace('"o3-mini",', '"o3-mini", "hot-model",'))
+    own_proxy.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            chat(own_proxy, key.token, "hot-model")
+            break
+        except openai.NotFoundError:
+            assert time.monotonic() < deadline, "reload did not take effect"
+            time.sleep(0.1)
+    own_proxy.config_path.write_text("[[backends]\nbroken")
+    own_proxy.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "Config reload failed" not in own_proxy.log:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    chat(own_proxy, key.token, "hot-model")  # the previous config still serves
+
+
+def test_upstream_cut_mid_stream_bills_an_estimate(proxy: Proxy, key: ApiKey, db):
+    with pytest.raises(openai.APIError):
+        list(chat(proxy, key.token, "gpt-4o-mini", stream=True,
+                  extra_headers={"X-Fake-Scenario": "cut"}))
+    [event] = wait_for_events(db, key.user_id, 1)
+    assert event["usage_estimated"] is True and event["complete"] is False
+    assert event["prompt_n"] > 0 and event["completion_n"] > 0
+
+
+def test_client_disconnect_mid_stream_still_bills(proxy: Proxy, upstream: FakeUpstream,
+                                                  key: ApiKey, db, test_id: str):
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body, timeout=10,
+                      headers={"Authorization": f"Bearer {key.token}", "X-Test-Id": test_id,
+                               "X-Fake-Scenario": "gated"}) as response:
+        next(response.iter_raw())  # read the first event, then hang up
+    upstream.release(test_id)
+    [event] = wait_for_events(db, key.user_id, 1)
+    assert event["usage_estimated"] is True and event["complete"] is False
+    assert event["model"] == "gpt-4o-mini"
+
+
+def test_sample_keys_script_matches_sample_js(mongo_uri: str, db, proxy: Proxy):
+    env = {**os.environ, "MONGODB_URI": mongo_uri}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/sample_keys.py")], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "token2 -> user2" in out
+    sample_js = (ROOT / "sample.js").read_text()
+    for token, user in re.findall(r'token: "([^"]+)", user_id: "([^"]+)"', sample_js):
+        secret = hashlib.sha256(token.encode()).hexdigest()
+        doc = db.cgc.api_keys.find_one({"secret": secret})
+        assert doc["user_id"] == user and doc["access_level"] == "COMPLETION"
+    # seed 002's curl, with its sample token
+    response = httpx.post(f"{proxy.url}/v1/chat/completions", json={
+        "messages": MESSAGES, "model": "gpt-4o-mini", "stream": True},
+        headers={"Authorization": "Bearer token2"})
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    with pytest.raises(openai.AuthenticationError):
+        chat(proxy, "token-expired", "gpt-4o-mini")
+
+
+def test_saved_flows_replay_offline_without_secrets(tmp_path: Path, mongo_uri: str,
+                                                    upstream: FakeUpstream, key: ApiKey, db):
+    """Flows saved with -w hold no secrets; with store_streamed_bodies they keep the stream."""
+    config = write_config(tmp_path / "config.toml", upstream.url, "http://127.0.0.1:9")
+    flows = tmp_path / "flows.mitm"
+    proxy = start_proxy(tmp_path, mongo_uri, config, "-w", str(flows),
+                        "--set", "store_streamed_bodies=true")
+    try:
+        list(chat(proxy, key.token, "gpt-4o-mini", stream=True))
+        wait_for_events(db, key.user_id, 1)
+    finally:
+        stop_proxy(proxy)
+    saved = flows.read_bytes()
+    assert key.token.encode() not in saved and b"sk-upstream" not in saved
+    assert b"data: [DONE]" in saved
+    shown = subprocess.run([str(MITMDUMP), "-n", "-r", str(flows), "--flow-detail", "3"],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "<redacted>" in shown and key.token not in shown
