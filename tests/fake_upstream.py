@@ -228,6 +228,7 @@ class FakeUpstream:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # small SSE writes go out at once, like real servers
     fake: FakeUpstream
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Proxy overhead on loopback: direct vs bare mitmdump (reverse) vs our addons.
+
+    uv run bench/bench_proxy.py [--seconds 8] [--concurrency 1 16]
+
+Every process is real: the fake streaming upstream (OpenAI chat SSE, 11 events), bare
+mitmdump, mitmdump with the billing addons on the embedded database, and this load
+generator (httpx, HTTP/1.1 keep-alive). Prints a Markdown table: requests/s, p50/p99
+latency and p50/p99 time to first byte per target and concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from pymongo import MongoClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "addons"), str(ROOT / "tests")]
+
+from conftest import free_port, wait_for_port, write_config  # noqa: E402
+from llm_billing.embedded_db import start_embedded_db  # noqa: E402
+
+TOKEN = "bench-token"
+BODY = {"model": "gpt-4o-mini", "stream": True, "max_tokens": 9,
+        "messages": [{"role": "user", "content": "Say hello"}]}
+
+
+def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    with log.open("wb") as f:
+        return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+
+
+async def one(client: httpx.AsyncClient, url: str) -> tuple[float, float]:
+    start = time.perf_counter()
+    async with client.stream("POST", url, json=BODY,
+                             headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        ttfb = None
+        async for _ in response.aiter_raw():
+            if ttfb is None:
+                ttfb = time.perf_counter() - start
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status_code}")
+    return time.perf_counter() - start, ttfb or 0.0
+
+
+async def load(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    ttfbs: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        for _ in range(3):  # warm up connections and caches
+            await one(client, url)
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                latency, ttfb = await one(client, url)
+                latencies.append(latency)
+                ttfbs.append(ttfb)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+
+    def pct(values: list[float], q: int) -> float:
+        return statistics.quantiles(values, n=100)[q - 1] * 1000
+
+    return {"rps": len(latencies) / elapsed, "p50": pct(latencies, 50),
+            "p99": pct(latencies, 99), "ttfb50": pct(ttfbs, 50), "ttfb99": pct(ttfbs, 99),
+            "n": len(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    mitmdump = str(Path(sys.executable).with_name("mitmdump"))
+    up_port, bare_port, ours_port = free_port(), free_port(), free_port()
+    procs = [spawn([sys.executable, str(ROOT / "tests/fake_upstream.py"), "--port",
+                    str(up_port)], tmp / "upstream.log")]
+    mongo_uri, db_process = start_embedded_db(tmp / "db", free_port())
+    with MongoClient(mongo_uri) as db:
+        db.cgc.api_keys.insert_one({"secret": hashlib.sha256(TOKEN.encode()).hexdigest(),
+                                    "access_level": "COMPLETION", "user_id": "bench",
+                                    "date_expiry": None})
+    upstream = f"http://127.0.0.1:{up_port}"
+    config = write_config(tmp / "config.toml", upstream, "http://127.0.0.1:9")
+    procs.append(spawn([mitmdump, "-q", "--mode", f"reverse:{upstream}", "-p", str(bare_port),
+                        "--set", "connection_strategy=lazy"], tmp / "bare.log"))
+    procs.append(spawn([mitmdump, "-q", "-s", str(ROOT / "addons/llm_billing_proxy.py"),
+                        "-p", str(ours_port), "--set", f"billing_config={config}",
+                        "--set", f"billing_data_dir={tmp}"], tmp / "ours.log",
+                       {"MONGODB_URI": mongo_uri, "FAKE_OPENAI_KEY": "sk-bench"}))
+    try:
+        for port in (up_port, bare_port, ours_port):
+            wait_for_port(port)
+        time.sleep(2)  # let our addons finish starting (database client, mode switch)
+        targets = {"direct": upstream, "bare mitmdump": f"http://127.0.0.1:{bare_port}",
+                   "llm-billing-proxy": f"http://127.0.0.1:{ours_port}"}
+        print("| target | concurrency | req/s | p50 ms | p99 ms | TTFB p50 ms | TTFB p99 ms |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for concurrency in args.concurrency:
+            for name, base in targets.items():
+                r = asyncio.run(load(f"{base}/v1/chat/completions", concurrency, args.seconds))
+                print(f"| {name} | {concurrency} | {r['rps']:.0f} | {r['p50']:.1f} | "
+                      f"{r['p99']:.1f} | {r['ttfb50']:.1f} | {r['ttfb99']:.1f} |", flush=True)
+        with MongoClient(mongo_uri) as db:
+            time.sleep(1)
+            events = db.billing.events_completion.count_documents({"user_id": "bench"})
+        print(f"\nevents stored for the proxied requests: {events}")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+        if db_process is not None:
+            db_process.terminate()
+
+
+if __name__ == "__main__":
+    main()
