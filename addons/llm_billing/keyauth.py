@@ -30,6 +30,7 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
+MAX_CACHED_KEYS = 100_000  # bounds memory when clients send many distinct unknown keys
 
 
 @dataclass(slots=True)
@@ -134,6 +135,8 @@ class KeyAuth:
         self._inflight[secret_hash] = future
         try:
             entry = await self._fetch(secret_hash)
+            if len(self._cache) >= MAX_CACHED_KEYS:
+                self._evict()
             self._cache[secret_hash] = entry
             future.set_result(entry)
             return entry
@@ -143,6 +146,15 @@ class KeyAuth:
             raise
         finally:
             del self._inflight[secret_hash]
+
+    def _evict(self) -> None:
+        """Drop stale entries; if that is not enough, unknown keys; then everything."""
+        now = time.monotonic()
+        for keep in (lambda e: e.fresh_until >= now, lambda e: e.caller is not None):
+            self._cache = {h: e for h, e in self._cache.items() if keep(e)}
+            if len(self._cache) < MAX_CACHED_KEYS:
+                return
+        self._cache.clear()
 
     async def _fetch(self, secret_hash: str) -> _Entry:
         client = await self.database.client()
