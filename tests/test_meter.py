@@ -106,9 +106,10 @@ def test_garbage_never_raises(stream: bytes, cuts: list[int], hide: bool, protoc
 
 
 def test_strip_null_usage_only_touches_the_top_level_key():
-    raw = b'data: {"a":{"usage":null},"b":"\\"usage\\":null","usage":null}\n\n'
+    data = '{"a":{"usage":null},"b":"\\"usage\\":null","usage":null}'
     payload = {"a": {"usage": None}, "b": '"usage":null', "usage": None}
-    assert strip_null_usage(raw, payload) == \
+    assert strip_null_usage(f"data: {data}\n\n".encode(), data, payload) == \
         b'data: {"a":{"usage":null},"b":"\\"usage\\":null"}\n\n'
-    first = b'data: {"usage": null, "x": 1}\n\n'
-    assert strip_null_usage(first, {"usage": None, "x": 1}) == b'data: {"x": 1}\n\n'
+    first = '{"usage": null, "x": 1}'
+    assert strip_null_usage(f"data:{first}\r\n\r\n".encode(), first,
+                            {"usage": None, "x": 1}) == b'data:{"x": 1}\r\n\r\n'

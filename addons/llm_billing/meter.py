@@ -48,24 +48,22 @@ class Outcome:
     response_bytes: int = 0
 
 
-def strip_null_usage(raw: bytes, payload: Any) -> bytes:
-    """Remove a top-level ``"usage":null`` from one SSE block, byte-exactly, if it is
-    certainly that key (checked by re-parsing); otherwise return the block unchanged."""
+def strip_null_usage(raw: bytes, data: str, payload: Any) -> bytes:
+    """Remove a top-level ``"usage":null`` from one SSE block (``raw``, whose one-line data
+    is ``data``), byte-exactly, if it is certainly that key (checked by re-parsing);
+    otherwise return the block unchanged."""
     if not (isinstance(payload, dict) and "usage" in payload and payload["usage"] is None):
+        return raw
+    data_bytes = data.encode()
+    offset = raw.find(data_bytes)
+    if offset < 0 or "\n" in data:
         return raw
     expected = {k: v for k, v in payload.items() if k != "usage"}
     for pattern in _NULL_USAGE:
-        for match in reversed(list(pattern.finditer(raw))):
-            candidate = raw[: match.start()] + raw[match.end() :]
-            if _block_payload(candidate) == expected:
-                return candidate
+        for match in reversed(list(pattern.finditer(data_bytes))):
+            if parse_json(data_bytes[: match.start()] + data_bytes[match.end() :]) == expected:
+                return raw[: offset + match.start()] + raw[offset + match.end() :]
     return raw
-
-
-def _block_payload(raw: bytes) -> Any:
-    parser = SSEParser()
-    events = [b.event for b in parser.feed(raw) + parser.finish() if b.event]
-    return parse_json(events[0].data) if len(events) == 1 else None
 
 
 def estimate_tokens(chars: int) -> int:
@@ -134,7 +132,7 @@ class StreamMeter:
         if is_usage_only_chunk(payload):
             self._dropped_last = True
             return b""
-        return strip_null_usage(block.raw, payload)
+        return strip_null_usage(block.raw, block.event.data, payload)
 
     def _keep_body(self, data: bytes) -> None:
         if self._body_overflow:
