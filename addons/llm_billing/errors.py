@@ -16,7 +16,7 @@ _KINDS: dict[int, tuple[str, str, str]] = {
     429: ("rate_limit_exceeded", "rate_limit_error", "RESOURCE_EXHAUSTED"),
     500: ("server_error", "api_error", "INTERNAL"),
     502: ("server_error", "api_error", "UNAVAILABLE"),
-    503: ("server_error", "overloaded_error", "UNAVAILABLE"),
+    503: ("server_error", "api_error", "UNAVAILABLE"),
     504: ("server_error", "api_error", "DEADLINE_EXCEEDED"),
 }
 
