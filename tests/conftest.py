@@ -32,6 +32,7 @@ MITMDUMP = Path(sys.executable).with_name("mitmdump")
 UPSTREAM_KEYS = {  # what the fake upstream must receive; never what clients send
     "FAKE_OPENAI_KEY": "sk-upstream-" + "o" * 24,
     "FAKE_ANTHROPIC_KEY": "sk-ant-upstream-" + "a" * 24,
+    "FAKE_GOOGLE_KEY": "AIza-upstream-" + "g" * 24,
 }
 
 
@@ -95,6 +96,12 @@ name = "fake-anthropic"
 url = "{upstream_url}/anthropic"
 models = ["claude-*"]
 auth = {{ type = "header", name = "x-api-key", value = "${{FAKE_ANTHROPIC_KEY}}" }}
+
+[[backends]]
+name = "fake-google"
+url = "{upstream_url}/v1beta/openai"
+models = ["gemini-*"]
+auth = {{ type = "query", name = "key", value = "${{FAKE_GOOGLE_KEY}}" }}
 
 [[backends]]
 name = "down"

@@ -136,3 +136,17 @@ def test_embeddings(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db, test_
     usage = upstream.exchange(test_id).usage
     [event] = wait_for_events(db, key.user_id, 1)
     assert event["prompt_n"] == usage["prompt_tokens"] and event["completion_n"] == 0
+
+
+def test_query_parameter_upstream_auth(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db,
+                                       test_id: str):
+    """Seed 000's Google-style auth: the key travels as ?key= (test_lifecycle checks that
+    saved flows do not keep it)."""
+    sdk(proxy, key).chat.completions.create(
+        model="gemini-2.5-flash", messages=MESSAGES, extra_headers={"X-Test-Id": test_id})
+    exchange = upstream.exchange(test_id)
+    assert exchange.path == \
+        f"/v1beta/openai/v1/chat/completions?key={UPSTREAM_KEYS['FAKE_GOOGLE_KEY']}"
+    assert "authorization" not in exchange.headers
+    [event] = wait_for_events(db, key.user_id, 1)
+    assert event["backend"] == "fake-google"

@@ -18,6 +18,7 @@ import pytest
 from conftest import (
     MITMDUMP,
     ROOT,
+    UPSTREAM_KEYS,
     ApiKey,
     Proxy,
     start_proxy,
@@ -116,11 +117,15 @@ def test_saved_flows_replay_offline_without_secrets(tmp_path: Path, mongo_uri: s
                         "--set", "store_streamed_bodies=true")
     try:
         list(chat(proxy, key.token, "gpt-4o-mini", stream=True))
-        wait_for_events(db, key.user_id, 1)
+        chat(proxy, key.token, "gemini-2.5-flash")  # upstream key in the query string
+        wait_for_events(db, key.user_id, 2)
     finally:
         stop_proxy(proxy)
     saved = flows.read_bytes()
-    assert key.token.encode() not in saved and b"sk-upstream" not in saved
+    assert key.token.encode() not in saved
+    for upstream_key in UPSTREAM_KEYS.values():
+        assert upstream_key.encode() not in saved
+    assert b"key=%3Credacted%3E" in saved or b"key=<redacted>" in saved
     assert b"data: [DONE]" in saved
     shown = subprocess.run([str(MITMDUMP), "-n", "-r", str(flows), "--flow-detail", "3"],
                            capture_output=True, text=True, timeout=60).stdout
