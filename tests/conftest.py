@@ -180,20 +180,19 @@ class ApiKey:
     key_id: Any
 
 
+def insert_key(db: MongoClient, expiry: datetime | None = None, **fields: Any) -> ApiKey:
+    """A fresh API key for a fresh user, stored as seed 002 describes."""
+    token = secrets.token_urlsafe(32)
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    doc = {"secret": hashlib.sha256(token.encode()).hexdigest(),
+           "access_level": "COMPLETION", "date_expiry": expiry, "user_id": user_id,
+           "date_created": datetime.now(UTC), **fields}
+    return ApiKey(token, user_id, db.cgc.api_keys.insert_one(doc).inserted_id)
+
+
 @pytest.fixture
 def make_key(db: MongoClient) -> Callable[..., ApiKey]:
-    """A fresh API key (and user) per call, stored as seed 002 describes."""
-
-    def make(expiry: datetime | None = None, **fields: Any) -> ApiKey:
-        token = secrets.token_urlsafe(32)
-        user_id = f"user-{uuid.uuid4().hex[:12]}"
-        doc = {"secret": hashlib.sha256(token.encode()).hexdigest(),
-               "access_level": "COMPLETION", "date_expiry": expiry, "user_id": user_id,
-               "date_created": datetime.now(UTC), **fields}
-        key_id = db.cgc.api_keys.insert_one(doc).inserted_id
-        return ApiKey(token, user_id, key_id)
-
-    return make
+    return lambda expiry=None, **fields: insert_key(db, expiry, **fields)
 
 
 @pytest.fixture

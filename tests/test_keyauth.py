@@ -54,7 +54,7 @@ def test_cache_single_flight_stale_refresh_and_revocation(mongo_uri: str, db):
         database = CountingDatabase(mongo_uri)
         auth = KeyAuth(database, Settings())
         with taddons.context(auth) as tctx:
-            tctx.configure(auth, key_cache_ttl=0.3, key_cache_negative_ttl=60)
+            tctx.configure(auth, key_cache_ttl=1, key_cache_negative_ttl=60)
             callers = await asyncio.gather(*(auth.lookup(token_hash(token)) for _ in range(20)))
             assert {c.user_id for c in callers} == {f"u-{token[:8]}"}
             assert database.counter.finds == 1  # twenty concurrent requests, one query
@@ -64,7 +64,7 @@ def test_cache_single_flight_stale_refresh_and_revocation(mongo_uri: str, db):
             assert await auth.lookup(unknown) is None
             assert database.counter.finds == 2  # cached hits and a cached miss
             db.cgc.api_keys.delete_one({"secret": token_hash(token)})  # revoked
-            await asyncio.sleep(0.35)
+            await asyncio.sleep(1.05)
             assert await auth.lookup(token_hash(token)) is not None  # stale, refreshing
             await asyncio.sleep(0.2)
             assert database.counter.finds == 3

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from pymongo import MongoClient
 
 from conftest import (
     MITMDUMP,
@@ -21,12 +22,15 @@ from conftest import (
     UPSTREAM_KEYS,
     ApiKey,
     Proxy,
+    free_port,
+    insert_key,
     start_proxy,
     stop_proxy,
     wait_for_events,
     write_config,
 )
 from fake_upstream import FakeUpstream
+from llm_billing.embedded_db import start_embedded_db
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
 
@@ -130,3 +134,35 @@ def test_saved_flows_replay_offline_without_secrets(tmp_path: Path, mongo_uri: s
     shown = subprocess.run([str(MITMDUMP), "-n", "-r", str(flows), "--flow-detail", "3"],
                            capture_output=True, text=True, timeout=60).stdout
     assert "<redacted>" in shown and key.token not in shown
+
+
+def test_events_survive_a_database_outage_across_restart(tmp_path: Path,
+                                                         upstream: FakeUpstream):
+    """Database down after the key is cached: requests still work, their events wait in
+    memory, are spilled to a file at shutdown and written at the next start."""
+    db_dir, port = tmp_path / "db", free_port()
+    uri, db_process = start_embedded_db(db_dir, port)
+    config = write_config(tmp_path / "config.toml", upstream.url, "http://127.0.0.1:9")
+    args = ("--set", "event_shutdown_timeout=1")
+    with MongoClient(uri, tz_aware=True) as db:
+        key = insert_key(db)
+        proxy = start_proxy(tmp_path, uri, config, *args)
+        chat(proxy, key.token, "gpt-4o-mini")  # key now cached
+        assert len(wait_for_events(db, key.user_id, 1)) == 1
+    db_process.terminate()
+    db_process.wait(10)
+    for _ in range(2):
+        chat(proxy, key.token, "gpt-4o-mini")  # served from the key cache
+    stop_proxy(proxy)
+    spill = tmp_path / "data" / "unsent-events.jsonl"
+    assert len(spill.read_text().splitlines()) == 2
+    uri, db_process = start_embedded_db(db_dir, port)
+    proxy = start_proxy(tmp_path, uri, config, *args)
+    try:
+        with MongoClient(uri, tz_aware=True) as db:
+            events = wait_for_events(db, key.user_id, 3)
+        assert len(events) == 3 and len({e["_id"] for e in events}) == 3
+        assert not spill.exists()
+    finally:
+        stop_proxy(proxy)
+        db_process.terminate()

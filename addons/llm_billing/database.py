@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions
 from pymongo import AsyncMongoClient
+from pymongo.errors import ConnectionFailure
 
 from .embedded_db import DEFAULT_PORT, start_embedded_db
 
@@ -26,6 +27,7 @@ class Database:
         self._client: AsyncMongoClient | None = None
         self._ready = asyncio.Event()
         self._embedded: subprocess.Popen | None = None
+        self._failure: str | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -45,20 +47,26 @@ class Database:
             raise exceptions.OptionsError("embedded_db_port must be a TCP port number")
 
     async def running(self) -> None:
-        uri = ctx.options.mongodb_uri
-        if not uri:
-            data_dir = Path(ctx.options.billing_data_dir)
-            uri, self._embedded = await asyncio.to_thread(
-                start_embedded_db, data_dir, ctx.options.embedded_db_port
-            )
-            logger.info(f"Embedded MongoDB (mongoeco) on {uri}, data in {data_dir}/")
-        self._client = AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5000)
-        self._ready.set()
+        try:
+            uri = ctx.options.mongodb_uri
+            if not uri:
+                data_dir = Path(ctx.options.billing_data_dir)
+                uri, self._embedded = await asyncio.to_thread(
+                    start_embedded_db, data_dir, ctx.options.embedded_db_port
+                )
+                logger.info(f"Embedded MongoDB (mongoeco) on {uri}, data in {data_dir}/")
+            self._client = AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5000)
+        except Exception as e:  # requests get 503s instead of waiting forever
+            self._failure = f"database unavailable: {e}"
+            logger.error(f"Cannot start the database: {e}")
+        finally:
+            self._ready.set()
 
     async def client(self) -> AsyncMongoClient:
         """The client, once ``running`` has connected it."""
         await self._ready.wait()
-        assert self._client is not None
+        if self._client is None:
+            raise ConnectionFailure(self._failure or "database not started")
         return self._client
 
     async def done(self) -> None:

@@ -61,10 +61,10 @@ class EventLog:
     def load(self, loader) -> None:
         loader.add_option("event_batch_size", int, 500, "Most events written in one batch.")
         loader.add_option(
-            "event_flush_interval", float, 0.05, "Seconds an event may wait for its batch."
+            "event_flush_interval_ms", int, 50, "Milliseconds an event may wait for its batch."
         )
         loader.add_option(
-            "event_shutdown_timeout", float, 10.0,
+            "event_shutdown_timeout", int, 10,
             "Seconds to keep writing at shutdown before spilling events to a file.",
         )
 
@@ -95,8 +95,9 @@ class EventLog:
     async def _run(self) -> None:
         await self._replay_spill()
         while True:
-            batch = [await self.queue.get()]
-            deadline = time.monotonic() + ctx.options.event_flush_interval
+            # Visible to done() from the moment it leaves the queue.
+            batch = self._in_flight = [await self.queue.get()]
+            deadline = time.monotonic() + ctx.options.event_flush_interval_ms / 1000
             while len(batch) < ctx.options.event_batch_size:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
@@ -105,7 +106,6 @@ class EventLog:
                     batch.append(await asyncio.wait_for(self.queue.get(), timeout))
                 except TimeoutError:
                     break
-            self._in_flight = batch
             await self.write(batch)
             self._in_flight = []
 

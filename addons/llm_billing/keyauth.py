@@ -71,9 +71,9 @@ class KeyAuth:
         self._refreshes: set[asyncio.Task] = set()
 
     def load(self, loader) -> None:
-        loader.add_option("key_cache_ttl", float, 30.0, "Seconds a key lookup stays fresh.")
+        loader.add_option("key_cache_ttl", int, 30, "Seconds a key lookup stays fresh.")
         loader.add_option(
-            "key_cache_negative_ttl", float, 5.0, "Seconds an unknown key stays cached."
+            "key_cache_negative_ttl", int, 5, "Seconds an unknown key stays cached."
         )
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
