@@ -27,6 +27,6 @@ addons = [
     Router(settings),
     CredentialRedactor(),
     Meter(),
-    EventLog(database),
+    EventLog(database, settings),
     database,  # last, so it closes after the event log has flushed
 ]

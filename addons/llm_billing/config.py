@@ -13,16 +13,26 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from .expression import Expression, ExpressionError, compile_expression
+from .prices import EMPTY, PriceError, PriceTable, parse_prices
 from .usage import Protocol
 
 AUTH_TYPES = ("bearer", "header", "query", "none")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
+_MODEL_IN_PATH = "{model}"
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+
 DEFAULT_ROUTES = {
     "/v1/chat/completions": Protocol.OPENAI_CHAT,
     "/v1/completions": Protocol.OPENAI_COMPLETIONS,
     "/v1/embeddings": Protocol.OPENAI_EMBEDDINGS,
+    "/v1/responses": Protocol.OPENAI_RESPONSES,
     "/v1/messages": Protocol.ANTHROPIC_MESSAGES,
+    "/v1beta/models/{model}:generateContent": Protocol.GEMINI,
+    "/v1beta/models/{model}:streamGenerateContent": Protocol.GEMINI,
+    "/v1/models/{model}:generateContent": Protocol.GEMINI,
+    "/v1/models/{model}:streamGenerateContent": Protocol.GEMINI,
 }
 
 
@@ -66,8 +76,19 @@ class Backend:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    path: str
+    path: str  # exact, or with one {model} segment (Gemini puts the model in the path)
     protocol: Protocol
+    metering: Expression | None = None  # bill this value instead of the provider's usage
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # cap on what an expression may keep
+    pattern: re.Pattern[str] | None = None
+
+    def model_from_path(self, path: str) -> str | None:
+        match = self.pattern.fullmatch(path) if self.pattern else None
+        return match.group("model") if match else None
+
+    @property
+    def streaming_path(self) -> bool:
+        return self.path.endswith(":streamGenerateContent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +97,21 @@ class Config:
     routes: Mapping[str, Route]
     default_plan: str = "free"
     warnings: tuple[str, ...] = field(default=())
+    prices: PriceTable = EMPTY
 
     def backend_for(self, model: str) -> Backend | None:
         """First backend, in file order, whose model list matches."""
         return next((b for b in self.backends if b.serves(model)), None)
+
+    def backend_named(self, name: str) -> Backend | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+    def route_for(self, path: str) -> Route | None:
+        """The route of a request path (without query): exact first, then templates."""
+        if (route := self.routes.get(path)) is not None and route.pattern is None:
+            return route
+        return next((r for r in self.routes.values()
+                     if r.pattern is not None and r.pattern.fullmatch(path)), None)
 
 
 def parse_config(text: str, env: Mapping[str, str]) -> Config:
@@ -100,15 +132,22 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
     if dup := {n for n in names if names.count(n) > 1}:
         raise ConfigError(f"backends: duplicate name {sorted(dup)[0]!r}")
     routes = _routes(data)
-    return Config(backends, routes, default_plan, tuple(warnings))
+    try:
+        prices = parse_prices(data.get("prices"))
+    except PriceError as e:
+        raise ConfigError(str(e)) from None
+    return Config(backends, routes, default_plan, tuple(warnings), prices)
 
 
 def _routes(data: dict[str, Any]) -> dict[str, Route]:
     if "routes" not in data:
-        return {path: Route(path, proto) for path, proto in DEFAULT_ROUTES.items()}
+        return {path: _route(path, proto, None, DEFAULT_MAX_BODY_BYTES)
+                for path, proto in DEFAULT_ROUTES.items()}
     routes: dict[str, Route] = {}
     for i, item in enumerate(_list(data, "routes")):
         where = f"routes[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: must be a table")
         path = _str(item.get("path"), f"{where}.path")
         if not path.startswith("/"):
             raise ConfigError(f"{where}.path: must start with '/', got {path!r}")
@@ -120,8 +159,26 @@ def _routes(data: dict[str, Any]) -> dict[str, Route]:
             raise ConfigError(f"{where}.protocol: {proto!r} is not one of {choices}") from None
         if path in routes:
             raise ConfigError(f"{where}.path: duplicate route {path!r}")
-        routes[path] = Route(path, protocol)
+        metering = None
+        if "metering" in item:
+            source = _str(item["metering"], f"{where}.metering")
+            try:
+                metering = compile_expression(source)
+            except ExpressionError as e:
+                raise ConfigError(f"{where}.metering: {e}") from None
+        cap = item.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
+            raise ConfigError(f"{where}.max_body_bytes: must be a positive integer")
+        routes[path] = _route(path, protocol, metering, cap)
     return routes
+
+
+def _route(path: str, protocol: Protocol, metering: Expression | None, cap: int) -> Route:
+    pattern = None
+    if _MODEL_IN_PATH in path:
+        before, _, after = path.partition(_MODEL_IN_PATH)
+        pattern = re.compile(re.escape(before) + r"(?P<model>[^/:]+)" + re.escape(after))
+    return Route(path, protocol, metering, cap, pattern)
 
 
 def _backend(item: Any, where: str, env: Mapping[str, str], warnings: list[str]) -> Backend:

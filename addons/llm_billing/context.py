@@ -2,7 +2,8 @@
 
 Kept beside the flow rather than in ``flow.metadata``: metadata is copied and serialized
 when flows are saved or shown, and this holds live objects (ObjectIds, the meter).
-``flow.metadata["llm_billing"]`` gets a plain, secret-free summary for mitmweb instead.
+``flow.metadata["llm_billing"]`` gets a plain, secret-free snapshot instead: mitmweb shows
+it, and a saved flow replayed offline (``mitmdump -nr``) is billed again from it.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bson import ObjectId
+from bson import ObjectId, json_util
 from mitmproxy import http
 
-from .config import Backend
+from .config import Backend, Route
 from .usage import Protocol
 
 if TYPE_CHECKING:
     from .meter import Outcome, StreamMeter
+
+METADATA_KEY = "llm_billing"
 
 
 @dataclass(slots=True)
@@ -33,7 +36,8 @@ class Caller:
 @dataclass(slots=True)
 class RequestContext:
     caller: Caller
-    protocol: Protocol
+    route: Route
+    path: str  # as the client sent it, without the query
     event_id: ObjectId = field(default_factory=ObjectId)  # fixed now: retries can't bill twice
     started: float = field(default_factory=time.time)
     plan_id: str = ""
@@ -42,10 +46,16 @@ class RequestContext:
     stream: bool = False
     usage_injected: bool = False  # we added stream_options.include_usage; hide its chunk
     prompt_chars: int = 0  # characters of prompt text, for estimates only
+    request_bytes: int = 0
+    replayed: bool = False  # rebuilt from a saved flow, not a live request
     meter: StreamMeter | None = None
     outcome: Outcome | None = None  # set once, in response or error
     sending: bool = False  # request hook done, response headers not yet in
-    logged: bool = False  # its completion event went to the event log
+    logged: bool = False  # its event went to the event log
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.route.protocol
 
 
 _contexts: weakref.WeakKeyDictionary[http.HTTPFlow, RequestContext] = (
@@ -62,12 +72,33 @@ def of(flow: http.HTTPFlow) -> RequestContext | None:
 
 
 def summarize(flow: http.HTTPFlow, **extra: Any) -> None:
-    """Show billing facts in mitmweb's flow metadata (plain values, no secrets)."""
+    """Record the request's billing facts in the flow's metadata (plain values only)."""
     ctx = _contexts.get(flow)
     if ctx is None:
         return
-    summary = flow.metadata.setdefault("llm_billing", {})
+    summary = flow.metadata.setdefault(METADATA_KEY, {})
     summary.update(
         event_id=str(ctx.event_id), user_id=str(ctx.caller.user_id), model=ctx.model,
-        backend=ctx.backend.name if ctx.backend else None, plan_id=ctx.plan_id, **extra,
+        backend=ctx.backend.name if ctx.backend else None, plan_id=ctx.plan_id,
+        path=ctx.path, stream=ctx.stream, usage_injected=ctx.usage_injected,
+        prompt_chars=ctx.prompt_chars, request_bytes=ctx.request_bytes, started=ctx.started,
+        ids=json_util.dumps({"event_id": ctx.event_id, "user_id": ctx.caller.user_id,
+                             "key_id": ctx.caller.key_id}),
+        **extra,
     )
+
+
+def restore(flow: http.HTTPFlow, route: Route, backend: Backend | None) -> RequestContext:
+    """The context of a saved flow, from its snapshot (see ``summarize``)."""
+    summary = flow.metadata[METADATA_KEY]
+    ids = json_util.loads(summary["ids"])
+    ctx = RequestContext(
+        caller=Caller(key_id=ids["key_id"], user_id=ids["user_id"]), route=route,
+        path=summary["path"], event_id=ids["event_id"], started=summary["started"],
+        plan_id=summary["plan_id"], model=summary["model"], backend=backend,
+        stream=summary["stream"], usage_injected=summary["usage_injected"],
+        prompt_chars=summary["prompt_chars"], request_bytes=summary["request_bytes"],
+        replayed=True,
+    )
+    attach(flow, ctx)
+    return ctx

@@ -22,11 +22,14 @@ from pymongo.errors import BulkWriteError, PyMongoError
 
 from . import context
 from .database import Database
-from .events import completion_event
+from .events import completion_event, failure_event
+from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
+COMPLETIONS = "events_completion"
+FAILED = "events_failed"
 SPILL_FILE = "unsent-events.jsonl"
 DEAD_LETTER_FILE = "rejected-events.jsonl"
 
@@ -43,20 +46,24 @@ def split_bulk_error(batch: list[dict], error: BulkWriteError) -> tuple[list[dic
     return retry, rejected
 
 
-def _append_jsonl(path: Path, docs: list[dict]) -> None:
+def _append_jsonl(path: Path, events: list[tuple[str, dict]]) -> None:
+    """(collection, document) pairs as canonical extended JSON, one per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        for doc in docs:
-            f.write(json_util.dumps(doc, json_options=json_util.CANONICAL_JSON_OPTIONS) + "\n")
+        for collection, doc in events:
+            line = {"collection": collection, "doc": doc}
+            f.write(json_util.dumps(line, json_options=json_util.CANONICAL_JSON_OPTIONS) + "\n")
 
 
 class EventLog:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, settings: Settings | None = None) -> None:
         self.database = database
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.settings = settings
+        # (collection, document): completions and upstream failures share one writer
+        self.queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.written = 0
         self._writer: asyncio.Task | None = None
-        self._in_flight: list[dict[str, Any]] = []
+        self._in_flight: list[tuple[str, dict[str, Any]]] = []
 
     def load(self, loader) -> None:
         loader.add_option("event_batch_size", int, 500, "Most events written in one batch.")
@@ -84,13 +91,13 @@ class EventLog:
             return
         rc.logged = True
         if rc.outcome.usage is None:
-            logger.info(
-                f"Not billed: {rc.model} for user {rc.caller.user_id}: "
-                f"status {rc.outcome.status}, {rc.outcome.error or 'no usage'}"
-            )
+            logger.info(f"Not billed: {rc.model} for user {rc.caller.user_id}: "
+                        f"status {rc.outcome.status}, {rc.outcome.error or 'no usage'}")
+            self.queue.put_nowait((FAILED, failure_event(rc, rc.outcome)))
             return
-        path = flow.request.path.partition("?")[0]
-        self.queue.put_nowait(completion_event(rc, rc.outcome, path=path))
+        assert self.settings is not None and self.settings.config is not None
+        prices = self.settings.config.prices
+        self.queue.put_nowait((COMPLETIONS, completion_event(rc, rc.outcome, prices)))
 
     async def _run(self) -> None:
         await self._replay_spill()
@@ -106,17 +113,20 @@ class EventLog:
                     batch.append(await asyncio.wait_for(self.queue.get(), timeout))
                 except TimeoutError:
                     break
-            await self.write(batch)
+            for collection in (COMPLETIONS, FAILED):
+                docs = [doc for name, doc in batch if name == collection]
+                if docs:
+                    await self.write(docs, collection)
             self._in_flight = []
 
-    async def write(self, batch: list[dict[str, Any]]) -> None:
-        """Store ``batch``, retrying until the database takes it."""
+    async def write(self, batch: list[dict[str, Any]], collection: str = COMPLETIONS) -> None:
+        """Store ``batch`` in ``billing.<collection>``, retrying until the database takes it."""
         delay = 0.1
         pending = batch
         while pending:
             try:
                 client = await self.database.client()
-                await client.billing.events_completion.insert_many(pending, ordered=False)
+                await client.billing[collection].insert_many(pending, ordered=False)
                 self.written += len(pending)
                 return
             except BulkWriteError as e:
@@ -125,7 +135,8 @@ class EventLog:
                 if rejected:
                     logger.error(f"{len(rejected)} events rejected by the database; kept in "
                                  f"{DEAD_LETTER_FILE}")
-                    _append_jsonl(self._data_dir / DEAD_LETTER_FILE, rejected)
+                    _append_jsonl(self._data_dir / DEAD_LETTER_FILE,
+                                  [(collection, doc) for doc in rejected])
                 pending = retry
             except PyMongoError as e:
                 logger.warning(f"Event write failed ({type(e).__name__}); retrying in {delay:.1f}s"
@@ -142,10 +153,12 @@ class EventLog:
         path = self._data_dir / SPILL_FILE
         if not path.exists():
             return
-        docs = [json_util.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        logger.info(f"Writing {len(docs)} events spilled at the last shutdown")
-        for start in range(0, len(docs), 500):
-            await self.write(docs[start : start + 500])
+        lines = [json_util.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        logger.info(f"Writing {len(lines)} events spilled at the last shutdown")
+        for collection in (COMPLETIONS, FAILED):
+            docs = [line["doc"] for line in lines if line["collection"] == collection]
+            for start in range(0, len(docs), 500):
+                await self.write(docs[start : start + 500], collection)
         path.unlink()
 
     async def done(self) -> None:

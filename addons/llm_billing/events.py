@@ -1,42 +1,83 @@
-"""Completion events as stored in ``billing.events_completion`` (seed 002's contract).
+"""Billing events as stored in MongoDB (pure: context and outcome in, documents out).
 
-The six contract fields keep their names and types; the rest is ours.
+``billing.events_completion`` follows seed 002's contract: the six fields ``date_created``,
+``user_id``, ``api_key_id``, ``model``, ``prompt_n``, ``completion_n`` keep their names and
+types; the rest is ours. Requests the upstream failed go to ``billing.events_failed``.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
+
+from bson import Decimal128
 
 from .context import RequestContext
 from .meter import Outcome
+from .prices import PriceTable
 
 
-def completion_event(ctx: RequestContext, result: Outcome, finished: datetime | None = None,
-                     path: str = "") -> dict[str, Any]:
-    assert result.usage is not None and ctx.backend is not None
-    finished = finished or datetime.now(UTC)
-    usage = result.usage
-    event: dict[str, Any] = {
+def _common(ctx: RequestContext, result: Outcome, finished: datetime) -> dict[str, Any]:
+    assert ctx.backend is not None
+    doc: dict[str, Any] = {
         "_id": ctx.event_id,
         "date_created": finished,
         "user_id": ctx.caller.user_id,
         "api_key_id": ctx.caller.key_id,
         "model": ctx.model,
+    }
+    doc.update({
+        "backend": ctx.backend.name,
+        "path": ctx.path,
+        "plan_id": ctx.plan_id,
+        "stream": ctx.stream,
+        "status": result.status,
+        "duration_ms": round((finished.timestamp() - ctx.started) * 1000),
+    })
+    if result.error:
+        doc["error"] = result.error
+    return doc
+
+
+def completion_event(ctx: RequestContext, result: Outcome, prices: PriceTable,
+                     finished: datetime | None = None) -> dict[str, Any]:
+    """The completion event of a billed request."""
+    assert result.usage is not None
+    finished = finished or datetime.now(UTC)
+    usage = result.usage
+    doc = _common(ctx, result, finished)
+    doc |= {
         "prompt_n": usage.prompt_tokens,
         "completion_n": usage.completion_tokens,
         "usage": usage.as_document(),
         "usage_estimated": result.estimated,
-        "backend": ctx.backend.name,
-        "path": path,
-        "plan_id": ctx.plan_id,
-        "stream": ctx.stream,
-        "status": result.status,
         "complete": result.complete,
-        "duration_ms": round((finished.timestamp() - ctx.started) * 1000),
+        "tokens_billed": usage.total_tokens,
     }
     if result.estimate_method:
-        event["estimate_method"] = result.estimate_method
-    if result.error:
-        event["error"] = result.error
-    return event
+        doc["estimate_method"] = result.estimate_method
+    if result.timings is not None:
+        doc["timings"] = result.timings
+    if ctx.route.metering is not None:
+        doc["metering"] = {"expression": ctx.route.metering.source, "value": result.metered}
+        if result.metering_error:
+            doc["metering"]["error"] = result.metering_error
+        if result.metered is not None:
+            doc["tokens_billed"] = result.metered
+    price = prices.price_for(ctx.model)
+    if price is not None:
+        cost = None
+        if ctx.route.metering is not None and result.metered is not None:
+            cost = price.unit_cost(Decimal(str(result.metered)))
+        if cost is None:
+            cost = price.cost(usage)
+        doc |= {"cost": Decimal128(cost), "currency": prices.currency,
+                "price": price.as_document(), "price_version": prices.version}
+    return doc
+
+
+def failure_event(ctx: RequestContext, result: Outcome,
+                  finished: datetime | None = None) -> dict[str, Any]:
+    """The record of a request the upstream failed (nothing billed)."""
+    return _common(ctx, result, finished or datetime.now(UTC))

@@ -22,14 +22,17 @@ from mitmproxy import ctx, http
 from pymongo.errors import PyMongoError
 
 from . import context
+from .config import Config, Route
 from .context import Caller
 from .database import Database
 from .errors import error_response
 from .settings import Settings
+from .usage import Protocol
 
 logger = logging.getLogger(__name__)
 
-CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
+CLIENT_KEY_QUERY = "key"  # Gemini clients may send ?key=
 MAX_CACHED_KEYS = 100_000  # bounds memory when clients send many distinct unknown keys
 
 
@@ -54,12 +57,26 @@ def key_query(secret_hash: str, now: datetime) -> dict[str, Any]:
     }
 
 
-def extract_token(headers: http.Headers) -> str | None:
-    auth = headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
+def extract_token(request: http.Request, query_key: bool = False) -> str | None:
+    """The caller's key: Bearer (seed 002), X-API-Key (seed 000, Anthropic SDK),
+    x-goog-api-key (Google SDK) or, where allowed, the ``key`` query parameter."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return headers.get("x-api-key", "").strip() or None
+    for name in CLIENT_KEY_HEADERS[1:]:
+        if value := request.headers.get(name, "").strip():
+            return value
+    if query_key:
+        return request.query.get(CLIENT_KEY_QUERY, "").strip() or None
+    return None
+
+
+def strip_client_key(request: http.Request) -> None:
+    """The client's key never goes further, nor shows in flows or logs."""
+    for name in CLIENT_KEY_HEADERS:
+        request.headers.pop(name, None)
+    if CLIENT_KEY_QUERY in request.query:
+        request.query.pop(CLIENT_KEY_QUERY)
 
 
 class KeyAuth:
@@ -79,13 +96,17 @@ class KeyAuth:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or context.of(flow):
             return
-        assert self.settings.config is not None
-        route = self.settings.config.routes.get(flow.request.path.partition("?")[0])
+        config = self.settings.config
+        assert config is not None
+        path = flow.request.path.partition("?")[0]
+        route = config.route_for(path)
         if route is None:
             return  # the router answers unknown paths
-        token = extract_token(flow.request.headers)
-        for name in CLIENT_KEY_HEADERS:  # the client's key never goes further, nor shows
-            flow.request.headers.pop(name, None)
+        if not flow.live and context.METADATA_KEY in flow.metadata:
+            self._restore(flow, route, config)  # a saved flow, replayed offline
+            return
+        token = extract_token(flow.request, query_key=route.protocol is Protocol.GEMINI)
+        strip_client_key(flow.request)
         fmt = route.protocol.error_format
         if token is None:
             flow.response = error_response(
@@ -103,7 +124,16 @@ class KeyAuth:
             flow.response = error_response(
                 fmt, 401, "Invalid or expired API key.", "invalid_api_key")
             return
-        context.attach(flow, context.RequestContext(caller=caller, protocol=route.protocol))
+        context.attach(flow, context.RequestContext(caller=caller, route=route, path=path))
+
+    @staticmethod
+    def _restore(flow: http.HTTPFlow, route: Route, config: Config) -> None:
+        summary = flow.metadata[context.METADATA_KEY]
+        backend = config.backend_named(summary.get("backend") or "") or \
+            config.backend_for(summary.get("model") or "")
+        if backend is None:
+            logger.warning(f"Replayed flow {flow.id}: no backend for {summary.get('model')!r}")
+        context.restore(flow, route, backend)
 
     async def lookup(self, secret_hash: str) -> Caller | None:
         """The key's caller, or None when unknown or expired."""

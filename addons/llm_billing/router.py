@@ -52,13 +52,13 @@ class Router:
         config = self.settings.config
         assert config is not None
         path = flow.request.path.partition("?")[0]
-        if path not in config.routes:
+        if config.route_for(path) is None:
             flow.response = error_response(
                 "openai", 404, f"Unknown path {path!r}. Supported: {', '.join(config.routes)}.",
                 "unknown_path")
             return
         ctx = context.of(flow)
-        if ctx is None:  # KeyAuth answered already or the flow is not ours
+        if ctx is None or ctx.replayed:  # answered by KeyAuth, or already routed when saved
             return
         self._route(flow, ctx, config)
 
@@ -69,7 +69,7 @@ class Router:
             flow.response = error_response(
                 fmt, 400, "The request body must be a JSON object.", "invalid_json")
             return
-        model = body.get("model")
+        model = ctx.route.model_from_path(ctx.path) or body.get("model")
         if not isinstance(model, str) or not model:
             flow.response = error_response(
                 fmt, 400, "The request body must name a 'model'.", "missing_model")
@@ -86,8 +86,9 @@ class Router:
                 "backend_unavailable")
             return
         ctx.model, ctx.backend, ctx.plan_id = model, backend, config.default_plan
-        ctx.stream = body.get("stream") is True
+        ctx.stream = ctx.route.streaming_path or body.get("stream") is True
         ctx.prompt_chars = prompt_chars(body)
+        ctx.request_bytes = len(flow.request.raw_content or b"")
         if ctx.protocol.accepts_stream_options and inject_include_usage(body):
             ctx.usage_injected = True
             flow.request.content = json.dumps(body, ensure_ascii=False).encode()
@@ -100,4 +101,4 @@ class Router:
             request.headers.pop(name, None)
         request.headers["X-User-ID"] = str(ctx.caller.user_id)
         request.headers["X-Plan-ID"] = ctx.plan_id
-        context.summarize(flow, stream=ctx.stream, usage_injected=ctx.usage_injected)
+        context.summarize(flow)

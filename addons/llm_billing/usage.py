@@ -1,14 +1,15 @@
 """Token usage read from provider responses (sans-I/O).
 
 One ``UsageTracker`` per response. Feed it SSE events as they pass (``observe_event``) or
-a whole JSON body (``observe_body``); it keeps the latest usage the provider reported —
-usage fields are cumulative snapshots, so the last value wins and deltas are never added.
-It also counts the characters of delivered content, so a stream that ends before its
+a whole body (``observe_body``); it keeps the latest usage the provider reported — usage
+fields are cumulative snapshots, so the last value wins and deltas are never added. It
+also counts the characters of delivered content, so a stream cut off before its final
 usage can still be estimated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -23,11 +24,15 @@ class Protocol(StrEnum):
     OPENAI_CHAT = "openai-chat"
     OPENAI_COMPLETIONS = "openai-completions"
     OPENAI_EMBEDDINGS = "openai-embeddings"
+    OPENAI_RESPONSES = "openai-responses"
     ANTHROPIC_MESSAGES = "anthropic-messages"
+    GEMINI = "gemini"
 
     @property
     def error_format(self) -> str:
-        return "anthropic" if self is Protocol.ANTHROPIC_MESSAGES else "openai"
+        if self is Protocol.ANTHROPIC_MESSAGES:
+            return "anthropic"
+        return "google" if self is Protocol.GEMINI else "openai"
 
     @property
     def accepts_stream_options(self) -> bool:
@@ -48,6 +53,14 @@ class Usage:
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
 
+    @property
+    def uncached_prompt_tokens(self) -> int:
+        return max(0, self.prompt_tokens - self.cache_read_tokens - self.cache_write_tokens)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
     def as_document(self) -> dict[str, int]:
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -62,6 +75,8 @@ def _int(value: Any) -> int:
     """A token count from untrusted JSON: non-negative int, anything else is 0."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
+    if value != value or value in (float("inf"), float("-inf")):
+        return 0
     return max(0, int(value))
 
 
@@ -69,8 +84,12 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def openai_usage(usage: dict[str, Any]) -> Usage:
-    """OpenAI chat/completions/embeddings ``usage`` object (also vLLM, llama.cpp)."""
+    """OpenAI chat/completions/embeddings ``usage`` (also vLLM, llama.cpp)."""
     return Usage(
         prompt_tokens=_int(usage.get("prompt_tokens")),
         completion_tokens=_int(usage.get("completion_tokens")),
@@ -81,27 +100,47 @@ def openai_usage(usage: dict[str, Any]) -> Usage:
     )
 
 
+def responses_usage(usage: dict[str, Any]) -> Usage:
+    """OpenAI Responses API ``usage``."""
+    return Usage(
+        prompt_tokens=_int(usage.get("input_tokens")),
+        completion_tokens=_int(usage.get("output_tokens")),
+        cache_read_tokens=_int(_dict(usage.get("input_tokens_details")).get("cached_tokens")),
+        reasoning_tokens=_int(_dict(usage.get("output_tokens_details")).get("reasoning_tokens")),
+    )
+
+
+def gemini_usage(meta: dict[str, Any]) -> Usage:
+    """Gemini ``usageMetadata``: candidates exclude thoughts, so output adds them."""
+    thoughts = _int(meta.get("thoughtsTokenCount"))
+    return Usage(
+        prompt_tokens=(_int(meta.get("promptTokenCount"))
+                       + _int(meta.get("toolUsePromptTokenCount"))),
+        completion_tokens=_int(meta.get("candidatesTokenCount")) + thoughts,
+        cache_read_tokens=_int(meta.get("cachedContentTokenCount")),
+        reasoning_tokens=thoughts,
+    )
+
+
 def anthropic_usage(usage: dict[str, Any], previous: Usage | None = None) -> Usage:
     """Anthropic ``usage``: fields absent from a ``message_delta`` keep their earlier value.
 
     Anthropic's ``input_tokens`` excludes cache reads and writes; prompt_tokens adds them.
     """
     base = previous or Usage()
-    uncached = base.prompt_tokens - base.cache_read_tokens - base.cache_write_tokens
-    if "input_tokens" in usage:
-        uncached = _int(usage["input_tokens"])
-    read = _int(usage["cache_read_input_tokens"]) if "cache_read_input_tokens" in usage \
-        else base.cache_read_tokens
-    write = _int(usage["cache_creation_input_tokens"]) \
-        if "cache_creation_input_tokens" in usage else base.cache_write_tokens
-    output = _int(usage["output_tokens"]) if "output_tokens" in usage \
-        else base.completion_tokens
+
+    def field(name: str, current: int) -> int:
+        return _int(usage[name]) if usage.get(name) is not None else current
+
+    uncached = field("input_tokens", base.uncached_prompt_tokens)
+    read = field("cache_read_input_tokens", base.cache_read_tokens)
+    write = field("cache_creation_input_tokens", base.cache_write_tokens)
     return replace(
         base,
         prompt_tokens=uncached + read + write,
         cache_read_tokens=read,
         cache_write_tokens=write,
-        completion_tokens=output,
+        completion_tokens=field("output_tokens", base.completion_tokens),
     )
 
 
@@ -122,15 +161,22 @@ def is_usage_only_chunk(payload: Any) -> bool:
     )
 
 
+def _error_message(error: Any) -> str:
+    error = _dict(error)
+    return str(error.get("message") or error.get("type") or error.get("status") or "error")
+
+
 class UsageTracker:
     """Latest usage of one response, plus delivered-content size for estimates."""
 
     def __init__(self, protocol: Protocol) -> None:
         self.protocol = protocol
         self.usage: Usage | None = None
-        self.finished = False  # the stream said it was complete ([DONE], message_stop)
-        self.error: str | None = None  # an in-stream error event's message
+        self.usage_final = False  # the usage covers the whole response (not a start value)
+        self.finished = False  # the response said it was complete ([DONE], message_stop…)
+        self.error: str | None = None  # an error reported inside a 200 response
         self.output_chars = 0
+        self.timings: dict[str, Any] | None = None  # llama.cpp's per-request timings
 
     def observe_event(self, event: SSEEvent) -> Any:
         """Take one SSE event; returns its parsed JSON payload (or None)."""
@@ -138,51 +184,108 @@ class UsageTracker:
             self.finished = True
             return None
         payload = parse_json(event.data)
-        if not isinstance(payload, dict):
-            return payload
-        if self.protocol is Protocol.ANTHROPIC_MESSAGES:
-            self._anthropic_event(payload)
-        else:
-            self._openai_payload(payload)
+        if isinstance(payload, dict):
+            self._observe(payload, event.event)
         return payload
 
     def observe_body(self, body: bytes) -> None:
-        """A whole non-streamed JSON response body."""
+        """A whole non-streamed body: a JSON object, or a JSON array of them (Gemini's
+        streamGenerateContent without ``alt=sse``)."""
         payload = parse_json(body)
-        if not isinstance(payload, dict):
-            return
-        if self.protocol is Protocol.ANTHROPIC_MESSAGES:
-            if isinstance(payload.get("usage"), dict):
-                self.usage = anthropic_usage(payload["usage"])
-            for block in payload.get("content") or []:
-                self.output_chars += _text_size(block)
-        else:
-            self._openai_payload(payload)
-        self.finished = True
+        for item in payload if isinstance(payload, list) else [payload]:
+            if isinstance(item, dict):
+                self._observe(item, "")
+        if self.usage is not None:
+            self.usage_final = True
+            self.finished = True
 
-    def _openai_payload(self, payload: dict[str, Any]) -> None:
+    def _observe(self, payload: dict[str, Any], event_name: str) -> None:
+        with contextlib.suppress(TypeError, ValueError, AttributeError):
+            self._dispatch(payload, event_name)  # odd shapes teach nothing; never raise
+
+    def _dispatch(self, payload: dict[str, Any], event_name: str) -> None:
+        match self.protocol:
+            case Protocol.ANTHROPIC_MESSAGES:
+                self._anthropic(payload)
+            case Protocol.OPENAI_RESPONSES:
+                self._responses(payload, event_name)
+            case Protocol.GEMINI:
+                self._gemini(payload)
+            case _:
+                self._openai(payload)
+
+    def _openai(self, payload: dict[str, Any]) -> None:
         if isinstance(payload.get("usage"), dict):
             self.usage = openai_usage(payload["usage"])
-        if isinstance(payload.get("error"), dict):
-            self.error = str(payload["error"].get("message", "error"))
-        for choice in payload.get("choices") or []:
+            self.usage_final = True
+        if isinstance(payload.get("timings"), dict):
+            self.timings = payload["timings"]
+        if payload.get("error"):
+            self.error = _error_message(payload["error"])
+        for choice in _list(payload.get("choices")):
             if isinstance(choice, dict):
                 self.output_chars += _text_size(choice.get("delta") or choice.get("message"))
                 self.output_chars += _text_size(choice.get("text"))
 
-    def _anthropic_event(self, payload: dict[str, Any]) -> None:
+    def _anthropic(self, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
         if kind == "message_start":
             usage = _dict(_dict(payload.get("message")).get("usage"))
             self.usage = anthropic_usage(usage, self.usage)
         elif kind == "message_delta" and isinstance(payload.get("usage"), dict):
             self.usage = anthropic_usage(payload["usage"], self.usage)
+            self.usage_final = True
         elif kind == "content_block_delta":
             self.output_chars += _text_size(payload.get("delta"))
         elif kind == "message_stop":
             self.finished = True
         elif kind == "error":
-            self.error = str(_dict(payload.get("error")).get("message", "error"))
+            self.error = _error_message(payload.get("error"))
+        elif kind == "message":  # a non-streamed response
+            if isinstance(payload.get("usage"), dict):
+                self.usage = anthropic_usage(payload["usage"])
+            for block in _list(payload.get("content")):
+                self.output_chars += _text_size(block)
+                self.output_chars += _text_size(_json_text(_dict(block).get("input")))
+
+    def _responses(self, payload: dict[str, Any], event_name: str) -> None:
+        kind = "response" if payload.get("object") == "response" else (
+            payload.get("type") or event_name)
+        response = _dict(payload.get("response")) if "response" in payload else payload
+        if kind in ("response.completed", "response.failed", "response.incomplete", "response"):
+            if isinstance(response.get("usage"), dict):
+                self.usage = responses_usage(response["usage"])
+                self.usage_final = True
+            self.finished = True
+            if response.get("error"):
+                self.error = _error_message(response["error"])
+            if kind == "response":  # non-streamed: count its output for the record
+                for item in _list(response.get("output")):
+                    for part in _list(_dict(item).get("content")):
+                        self.output_chars += _text_size(part)
+                    self.output_chars += _text_size(_dict(item).get("arguments"))
+        elif kind.endswith(".delta") and isinstance(payload.get("delta"), str):
+            self.output_chars += len(payload["delta"])
+        elif kind == "error":
+            self.error = _error_message(payload.get("error") or payload)
+
+    def _gemini(self, payload: dict[str, Any]) -> None:
+        if isinstance(payload.get("usageMetadata"), dict):
+            self.usage = gemini_usage(payload["usageMetadata"])
+        if payload.get("error"):
+            self.error = _error_message(payload["error"])
+        for candidate in _list(payload.get("candidates")):
+            candidate = _dict(candidate)
+            for part in _list(_dict(candidate.get("content")).get("parts")):
+                self.output_chars += _text_size(part)
+                self.output_chars += _text_size(_json_text(_dict(part).get("functionCall")))
+            if candidate.get("finishReason"):
+                self.finished = True
+                self.usage_final = self.usage is not None
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value) if value is not None else ""
 
 
 def _text_size(part: Any) -> int:
@@ -196,13 +299,14 @@ def _text_size(part: Any) -> int:
         value = part.get(key)
         if isinstance(value, str):
             size += len(value)
-    for call in part.get("tool_calls") or []:
+    for call in _list(part.get("tool_calls")):
         if isinstance(call, dict):
             size += _text_size(call.get("function"))
     return size
 
 
-PROMPT_FIELDS = ("messages", "system", "prompt", "input", "instructions", "tools")
+PROMPT_FIELDS = ("messages", "system", "prompt", "input", "instructions", "tools", "contents",
+                 "systemInstruction")
 
 
 def prompt_chars(body: dict[str, Any]) -> int:
