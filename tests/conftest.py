@@ -80,15 +80,29 @@ def upstream() -> Iterator[FakeUpstream]:
     fake.stop()
 
 
-def write_config(path: Path, upstream_url: str, down_url: str) -> Path:
-    path.write_text(f"""
+PRICES = """
+[prices]
+version = "test-2026-11"
+default = { input = "1.00", output = "2.00", unit = "1000" }
+
+[prices.models]
+"gpt-4o-mini" = { input = "0.15", cache_read = "0.075", output = "0.60" }
+"o*" = { input = "1.10", cache_read = "0.275", output = "4.40" }
+"claude-*" = { input = "3", cache_read = "0.30", cache_write = "3.75", output = "15" }
+"gemini-*" = { input = "0.30", cache_read = "0.075", output = "2.50" }
+"""
+
+
+def write_config(path: Path, upstream_url: str, down_url: str, extra: str = "") -> Path:
+    path.write_text(PRICES + extra + f"""
 [proxy]
 default_plan = "free"
 
 [[backends]]
 name = "fake-openai"
 url = "{upstream_url}"
-models = ["gpt-4o-mini", "o3-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct"]
+models = ["gpt-4o-mini", "o3-mini", "o4-mini", "gpt-4.1-mini", "text-embedding-3-small",
+          "gpt-3.5-turbo-instruct", "vllm-*", "llamacpp-*"]
 auth = {{ type = "bearer", value = "${{FAKE_OPENAI_KEY}}" }}
 
 [[backends]]

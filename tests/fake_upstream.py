@@ -55,7 +55,7 @@ class Exchange:
 def openai_chat_usage(body: dict[str, Any]) -> dict[str, Any]:
     prompt = prompt_tokens_for(body)
     completion = len(completion_words(body))
-    cached = 64 if "cache" in _dumps(body.get("messages", "")) else 0
+    cached = prompt // 2 if "cache" in _dumps(body.get("messages", "")) else 0
     reasoning = 12 if str(body.get("model", "")).startswith("o") else 0
     return {
         "prompt_tokens": prompt, "completion_tokens": completion + reasoning,
@@ -188,6 +188,152 @@ def error_json(path: str, status: int) -> dict[str, Any]:
                       "param": None, "code": None}}
 
 
+
+# --- OpenAI Responses API ----------------------------------------------------------------
+
+def responses_usage(body: dict[str, Any]) -> dict[str, Any]:
+    prompt = prompt_tokens_for(body)
+    reasoning = 24 if str(body.get("model", "")).startswith("o") else 0
+    output = len(completion_words(body)) + reasoning
+    cached = prompt // 2 if "cache" in _dumps(body.get("input", "")) else 0
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + output}
+
+
+def responses_json(body: dict[str, Any], test_id: str, status: str = "completed",
+                   usage: bool = True) -> dict[str, Any]:
+    text = "".join(completion_words(body))
+    return {
+        "id": f"resp_{test_id}", "object": "response", "created_at": CREATED,
+        "status": status, "error": None, "incomplete_details": None, "instructions": None,
+        "max_output_tokens": body.get("max_output_tokens"), "model": body.get("model"),
+        "output": [{"id": f"msg_{test_id}", "type": "message", "status": status,
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+        if usage else [],
+        "parallel_tool_calls": True, "temperature": 1.0, "tool_choice": "auto", "tools": [],
+        "top_p": 1.0, "usage": responses_usage(body) if usage else None, "metadata": {},
+    }
+
+
+def responses_stream(body: dict[str, Any], test_id: str) -> list[bytes]:
+    def event(name: str, data: dict) -> bytes:
+        return f"event: {name}\ndata: {_dumps({'type': name, **data})}\n\n".encode()
+
+    start = responses_json(body, test_id, "in_progress", usage=False)
+    item = {"id": f"msg_{test_id}", "type": "message", "status": "in_progress",
+            "role": "assistant", "content": []}
+    events = [event("response.created", {"sequence_number": 0, "response": start}),
+              event("response.in_progress", {"sequence_number": 1, "response": start}),
+              event("response.output_item.added", {"sequence_number": 2, "output_index": 0,
+                                                   "item": item})]
+    seq = 3
+    for word in completion_words(body):
+        events.append(event("response.output_text.delta", {
+            "sequence_number": seq, "item_id": item["id"], "output_index": 0,
+            "content_index": 0, "delta": word}))
+        seq += 1
+    events.append(event("response.completed", {"sequence_number": seq,
+                                               "response": responses_json(body, test_id)}))
+    return events
+
+
+# --- Google Gemini -----------------------------------------------------------------------
+
+def gemini_usage(body: dict[str, Any], upto: int | None = None) -> dict[str, Any]:
+    prompt = 5 + len(_dumps(body.get("contents", ""))) // 4
+    words = completion_words(body)
+    candidates = len(words) if upto is None else upto
+    meta: dict[str, Any] = {"promptTokenCount": prompt,
+                            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}]}
+    if upto is None or upto:
+        meta["candidatesTokenCount"] = candidates
+    thoughts = 31 if upto is None else 0
+    if thoughts:
+        meta["thoughtsTokenCount"] = thoughts
+    if "cache" in _dumps(body.get("contents", "")):
+        meta["cachedContentTokenCount"] = 4
+    meta["totalTokenCount"] = prompt + candidates + thoughts
+    return meta
+
+
+def _gemini_chunk(text: str, model: str, usage: dict, finish: bool) -> dict[str, Any]:
+    candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"},
+                                 "index": 0}
+    if finish:
+        candidate["finishReason"] = "STOP"
+    return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model,
+            "responseId": "fake-response-id"}
+
+
+def gemini_json(body: dict[str, Any], model: str) -> dict[str, Any]:
+    return _gemini_chunk("".join(completion_words(body)), model, gemini_usage(body), True)
+
+
+def gemini_stream_chunks(body: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    words = completion_words(body)
+    chunks = [_gemini_chunk(w, model, gemini_usage(body, upto=i + 1), False)
+              for i, w in enumerate(words[:-1])]
+    chunks.append(_gemini_chunk(words[-1], model, gemini_usage(body), True))
+    return chunks
+
+
+def gemini_sse(body: dict[str, Any], model: str) -> list[bytes]:
+    # Google's SSE uses CRLF line endings.
+    return [f"data: {json.dumps(c)}\r\n\r\n".encode() for c in gemini_stream_chunks(body, model)]
+
+
+# --- vLLM and llama.cpp flavours of OpenAI chat streaming --------------------------------
+
+def vllm_chat_stream(body: dict[str, Any], test_id: str) -> list[bytes]:
+    """vLLM: no "usage":null on ordinary chunks; the usage chunk has choices []."""
+    base = {"id": f"chatcmpl-{test_id}", "object": "chat.completion.chunk",
+            "created": CREATED, "model": body.get("model")}
+    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]}]
+    events += [{**base, "choices": [{"index": 0, "delta": {"content": w}, "logprobs": None,
+                                     "finish_reason": None}]} for w in completion_words(body)]
+    events.append({**base, "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None,
+                                        "finish_reason": "stop", "stop_reason": None}]})
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = openai_chat_usage(body)
+        events.append({**base, "choices": [], "usage": {
+            "prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["total_tokens"],
+            "completion_tokens": usage["completion_tokens"]}})
+    return [f"data: {_dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+
+
+def llamacpp_timings(body: dict[str, Any]) -> dict[str, Any]:
+    n = len(completion_words(body))
+    return {"prompt_n": prompt_tokens_for(body), "prompt_ms": 12.5, "prompt_per_token_ms": 1.1,
+            "prompt_per_second": 880.0, "predicted_n": n, "predicted_ms": 80.0,
+            "predicted_per_token_ms": 8.9, "predicted_per_second": 112.5}
+
+
+def llamacpp_chat_stream(body: dict[str, Any], test_id: str) -> list[bytes]:
+    """llama.cpp: usage only when asked, in a choices-[] chunk that also has timings;
+    otherwise the timings ride on the finish chunk."""
+    base = {"created": CREATED, "id": f"chatcmpl-{test_id}", "model": body.get("model"),
+            "system_fingerprint": "b6000-fake", "object": "chat.completion.chunk"}
+    events = [{"choices": [{"finish_reason": None, "index": 0, "delta": {"role": "assistant",
+                                                                        "content": None}}],
+               **base}]
+    events += [{"choices": [{"finish_reason": None, "index": 0, "delta": {"content": w}}],
+                **base} for w in completion_words(body)]
+    finish = {"choices": [{"finish_reason": "stop", "index": 0, "delta": {}}], **base}
+    events.append(finish)
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = openai_chat_usage(body)
+        events.append({"choices": [], **base, "usage": {
+            "completion_tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["total_tokens"]},
+            "timings": llamacpp_timings(body)})
+    else:
+        finish["timings"] = llamacpp_timings(body)
+    return [f"data: {_dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+
+
 # --- The server --------------------------------------------------------------------------
 
 class FakeUpstream:
@@ -247,14 +393,22 @@ class _Handler(BaseHTTPRequestHandler):
             status = int(scenario.removeprefix("status-"))
             return self._json(ex, status, error_json(path, status))
         streaming = body.get("stream") is True
+        model = str(body.get("model", ""))
         if path.endswith("/chat/completions"):
+            if model.startswith("vllm-") and "stream_options" in body and not streaming:
+                return self._json(ex, 400, {"object": "error", "message": "Stream options "
+                                            "can only be defined when `stream=True`.",
+                                            "type": "BadRequestError", "param": None,
+                                            "code": 400})
             if not streaming:
                 ex.usage = openai_chat_usage(body)
                 return self._json(ex, 200, openai_chat_json(body, test_id))
-            events = openai_chat_stream(body, test_id)
+            flavour = (vllm_chat_stream if model.startswith("vllm-") else
+                       llamacpp_chat_stream if model.startswith("llamacpp-") else
+                       openai_chat_stream)
             if (body.get("stream_options") or {}).get("include_usage"):
                 ex.usage = openai_chat_usage(body)
-            return self._sse(ex, events, test_id, scenario)
+            return self._sse(ex, flavour(body, test_id), test_id, scenario)
         if path.endswith("/completions"):
             events = openai_completions_stream(body, test_id)
             return self._sse(ex, events, test_id, scenario)
@@ -262,11 +416,30 @@ class _Handler(BaseHTTPRequestHandler):
             doc = openai_embeddings_json(body)
             ex.usage = doc["usage"]
             return self._json(ex, 200, doc)
+        if path.endswith("/responses"):
+            ex.usage = responses_usage(body)
+            if not streaming:
+                return self._json(ex, 200, responses_json(body, test_id))
+            return self._sse(ex, responses_stream(body, test_id), test_id, scenario)
         if path.endswith("/messages"):
             ex.usage = anthropic_usage(body)
             if not streaming:
                 return self._json(ex, 200, anthropic_message_json(body, test_id))
-            return self._sse(ex, anthropic_stream(body, test_id), test_id, scenario)
+            events = anthropic_stream(body, test_id)
+            if scenario == "error-mid-stream":  # Anthropic reports overload inside a 200
+                events = [*events[:5], b'event: error\ndata: {"type":"error","error":'
+                          b'{"type":"overloaded_error","message":"Overloaded"}}\n\n']
+            return self._sse(ex, events, test_id, scenario)
+        if ":generateContent" in path or ":streamGenerateContent" in path:
+            gemini_model = path.rsplit("/", 1)[-1].split(":")[0]
+            ex.usage = gemini_usage(body)
+            if ":generateContent" in path:
+                return self._json(ex, 200, gemini_json(body, gemini_model))
+            if "alt=sse" in self.path:
+                return self._sse(ex, gemini_sse(body, gemini_model), test_id, scenario)
+            array = json.dumps(gemini_stream_chunks(body, gemini_model), indent=2).encode()
+            return self._sse(ex, [array[i:i + 200] for i in range(0, len(array), 200)],
+                             test_id, scenario, content_type="application/json")
         return self._json(ex, 404, {"error": {"message": "no such path"}})
 
     def _write(self, ex: Exchange, data: bytes) -> None:
@@ -284,9 +457,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._write(ex, data)
         ex.finished = True
 
-    def _sse(self, ex: Exchange, events: list[bytes], test_id: str, scenario: str) -> None:
+    def _sse(self, ex: Exchange, events: list[bytes], test_id: str, scenario: str,
+             content_type: str = "text/event-stream; charset=utf-8") -> None:
         self.send_response(200)
-        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("content-type", content_type)
         self.send_header("transfer-encoding", "chunked")
         self.send_header("cache-control", "no-cache")
         self.end_headers()

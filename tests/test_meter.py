@@ -47,7 +47,7 @@ def test_injected_usage_chunk_is_hidden_at_any_chunking(cuts: list[int]):
     assert run(meter, INJECTED_STREAM, cuts) == CLIENT_STREAM
     assert meter.tracker.usage == Usage(
         prompt_tokens=USAGE["prompt_tokens"], completion_tokens=USAGE["completion_tokens"],
-        cache_read_tokens=64, reasoning_tokens=12)
+        cache_read_tokens=USAGE["prompt_tokens"] // 2, reasoning_tokens=12)
     assert meter.tracker.finished
 
 
