@@ -113,3 +113,81 @@ def test_strip_null_usage_only_touches_the_top_level_key():
     first = '{"usage": null, "x": 1}'
     assert strip_null_usage(f"data:{first}\r\n\r\n".encode(), first,
                             {"usage": None, "x": 1}) == b'data:{"x": 1}\r\n\r\n'
+
+
+# --- every provider's usage, whatever the chunking -------------------------------------
+
+def _stream(protocol: Protocol, sse: bool, data: bytes, usage: Usage):
+    return protocol, sse, data, usage
+
+
+def _cases():
+    import json as _json
+
+    from fake_upstream import (
+        anthropic_usage,
+        gemini_sse,
+        gemini_usage,
+        responses_stream,
+        responses_usage,
+        vllm_chat_stream,
+    )
+    from llm_billing.usage import anthropic_usage as a_usage
+    from llm_billing.usage import gemini_usage as g_usage
+    from llm_billing.usage import responses_usage as r_usage
+
+    body = {"model": "o3", "messages": [{"role": "user", "content": "cache"}],
+            "input": "cache me", "contents": [{"parts": [{"text": "cache"}]}], "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": 6}
+    vllm_usage = openai_chat_usage(body)
+    return [
+        _stream(Protocol.OPENAI_CHAT, True, INJECTED_STREAM, Usage(
+            prompt_tokens=USAGE["prompt_tokens"], completion_tokens=USAGE["completion_tokens"],
+            cache_read_tokens=USAGE["prompt_tokens"] // 2, reasoning_tokens=12)),
+        _stream(Protocol.OPENAI_CHAT, True, b"".join(vllm_chat_stream(body, "t")), Usage(
+            prompt_tokens=vllm_usage["prompt_tokens"],
+            completion_tokens=vllm_usage["completion_tokens"])),
+        _stream(Protocol.ANTHROPIC_MESSAGES, True, b"".join(anthropic_stream(body, "t")),
+                a_usage(anthropic_usage(body))),
+        _stream(Protocol.OPENAI_RESPONSES, True, b"".join(responses_stream(body, "t")),
+                r_usage(responses_usage(body))),
+        _stream(Protocol.GEMINI, True, b"".join(gemini_sse(body, "g")),
+                g_usage(gemini_usage(body))),
+        _stream(Protocol.GEMINI, False, _json.dumps([{"usageMetadata": gemini_usage(
+            body, upto=1)}, {"usageMetadata": gemini_usage(body)}]).encode(),
+                g_usage(gemini_usage(body))),
+    ]
+
+
+CASES = _cases()
+
+
+@settings(max_examples=60)
+@given(st.sampled_from(range(len(CASES))), st.data())
+def test_every_provider_at_any_chunking(index: int, data):
+    protocol, sse, stream, expected = CASES[index]
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=25))
+    meter = StreamMeter(protocol, sse=sse, content_encoding="", hide_usage_chunk=False)
+    assert run(meter, stream, cuts) == stream
+    assert meter.tracker.usage == expected
+    assert meter.tracker.usage_final
+
+
+@settings(max_examples=200)
+@given(st.sampled_from(list(Protocol)), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["usage", "type", "choices", "delta", "message", "usageMetadata",
+                         "response", "candidates", "error", "input_tokens", "output_tokens",
+                         "prompt_tokens", "content", "parts", "text", "timings"]),
+        children, max_size=4), max_leaves=20))
+def test_usage_extractors_never_raise_on_any_json(protocol: Protocol, payload):
+    import json as _json
+
+    from llm_billing.sse import SSEEvent
+    from llm_billing.usage import UsageTracker
+    tracker = UsageTracker(protocol)
+    text = _json.dumps(payload)
+    tracker.observe_event(SSEEvent("message_delta", text, None))
+    tracker.observe_body(text.encode())
+    assert tracker.usage is None or tracker.usage.prompt_tokens >= 0
