@@ -3,6 +3,8 @@ errors that point at the spot, and no input that can escape or crash it."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -138,7 +140,5 @@ def test_any_source_compiles_or_fails_cleanly(source: str):
         expr = compile_expression(source)
     except ExpressionError:
         return
-    try:
+    with contextlib.suppress(EvaluationError):
         expr.evaluate({"allData": OPENAI, "respBody": {"a": [1, {"b": None}]}, "status": 200})
-    except EvaluationError:
-        pass

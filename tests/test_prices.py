@@ -65,5 +65,5 @@ def test_bad_prices(table: dict, message: str):
 
 def test_price_errors_surface_as_config_errors():
     text = '[[backends]]\nname="b"\nurl="http://x"\nmodels=["m"]\n[prices.default]\ninput="x"\n'
-    with pytest.raises(ConfigError, match="prices.default.input"):
+    with pytest.raises(ConfigError, match=r"prices\.default\.input"):
         parse_config(text, {})
