@@ -101,8 +101,9 @@ default_plan = "free"
 [[backends]]
 name = "fake-openai"
 url = "{upstream_url}"
-models = ["gpt-4o-mini", "o3-mini", "o4-mini", "gpt-4.1-mini", "text-embedding-3-small",
-          "gpt-3.5-turbo-instruct", "vllm-*", "llamacpp-*"]
+models = ["gpt-4o-mini", "o3-mini", "o4-mini", "gpt-4.1-mini", "gpt-4.1",
+          "text-embedding-3-small", "gpt-3.5-turbo-instruct", "vllm-*", "llamacpp-*",
+          "meta-llama/*"]
 auth = {{ type = "bearer", value = "${{FAKE_OPENAI_KEY}}" }}
 
 [[backends]]

@@ -9,6 +9,8 @@ Scenarios, chosen by the ``X-Fake-Scenario`` request header:
   rest — proves the proxy does not buffer.
 - ``status-<code>``: answer with that HTTP error in the provider's error format.
 - ``cut``: stop mid-stream without usage or terminator, closing the connection.
+
+With an ``X-Replay: <case>`` header it sends a recorded response from ``tests/corpus``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,23 @@ from __future__ import annotations
 import json
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 CREATED = 1_700_000_000
+CORPUS = Path(__file__).resolve().parent / "corpus"
+
+
+def load_case(name: str) -> dict[str, Any]:
+    """A recorded exchange from tests/corpus (see its README)."""
+    return json.loads((CORPUS / f"{name}.json").read_text())
+
+
+def corpus_names() -> list[str]:
+    return sorted(p.stem for p in CORPUS.glob("*.json"))
 WORDS = ["Hello", "!", " How", " can", " I", " help", " you", " today", "?"]
 
 
@@ -389,6 +403,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(raw or b"{}")
         scenario = self.headers.get("x-fake-scenario", "")
         path = self.path.partition("?")[0]
+        if replay := self.headers.get("x-replay"):
+            return self._replay(ex, load_case(replay))
         if scenario.startswith("status-"):
             status = int(scenario.removeprefix("status-"))
             return self._json(ex, status, error_json(path, status))
@@ -441,6 +457,34 @@ class _Handler(BaseHTTPRequestHandler):
             return self._sse(ex, [array[i:i + 200] for i in range(0, len(array), 200)],
                              test_id, scenario, content_type="application/json")
         return self._json(ex, 404, {"error": {"message": "no such path"}})
+
+    def _replay(self, ex: Exchange, case: dict[str, Any]) -> None:
+        """Send a recorded response: its status, headers and chunks as separate writes."""
+        response = case["response"]
+        ex.usage = case["expected"]
+        self.send_response(response["status"])
+        for name, value in response["headers"].items():
+            self.send_header(name, value)
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        compressor = zlib.compressobj(wbits=31) if response["gzip"] else None
+        for text in response["chunks"]:
+            data = text.encode()
+            if compressor:
+                data = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            self._chunk(ex, data)
+            time.sleep(0.002)  # separate TCP segments, so the proxy sees separate reads
+        if compressor:
+            self._chunk(ex, compressor.flush())
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+        ex.finished = True
+
+    def _chunk(self, ex: Exchange, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
+            self.wfile.flush()
+            ex.sent += data
 
     def _write(self, ex: Exchange, data: bytes) -> None:
         self.wfile.write(data)

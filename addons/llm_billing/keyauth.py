@@ -22,7 +22,7 @@ from mitmproxy import ctx, http
 from pymongo.errors import PyMongoError
 
 from . import context
-from .config import Config, Route
+from .config import Config
 from .context import Caller
 from .database import Database
 from .errors import error_response
@@ -94,17 +94,19 @@ class KeyAuth:
         )
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or context.of(flow):
+        if context.of(flow):
             return
         config = self.settings.config
         assert config is not None
+        if not flow.live and context.METADATA_KEY in flow.metadata:
+            self._restore(flow, config)  # a saved flow, replayed offline
+            return
+        if flow.response:
+            return
         path = flow.request.path.partition("?")[0]
         route = config.route_for(path)
         if route is None:
             return  # the router answers unknown paths
-        if not flow.live and context.METADATA_KEY in flow.metadata:
-            self._restore(flow, route, config)  # a saved flow, replayed offline
-            return
         token = extract_token(flow.request, query_key=route.protocol is Protocol.GEMINI)
         strip_client_key(flow.request)
         fmt = route.protocol.error_format
@@ -127,12 +129,16 @@ class KeyAuth:
         context.attach(flow, context.RequestContext(caller=caller, route=route, path=path))
 
     @staticmethod
-    def _restore(flow: http.HTTPFlow, route: Route, config: Config) -> None:
+    def _restore(flow: http.HTTPFlow, config: Config) -> None:
+        """Its context as saved: the request went upstream already, rewritten."""
         summary = flow.metadata[context.METADATA_KEY]
+        route = config.route_for(summary.get("path") or "")
         backend = config.backend_named(summary.get("backend") or "") or \
             config.backend_for(summary.get("model") or "")
-        if backend is None:
-            logger.warning(f"Replayed flow {flow.id}: no backend for {summary.get('model')!r}")
+        if route is None or backend is None:
+            logger.warning(f"Replayed flow {flow.id}: {summary.get('path')!r} or "
+                           f"{summary.get('model')!r} is no longer configured; not billed")
+            return
         context.restore(flow, route, backend)
 
     async def lookup(self, secret_hash: str) -> Caller | None:

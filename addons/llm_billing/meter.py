@@ -201,8 +201,8 @@ class StreamMeter:
 class Meter:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = context.of(flow)
-        if ctx is None or ctx.backend is None or flow.response is None:
-            return
+        if ctx is None or ctx.backend is None or flow.response is None or ctx.replayed:
+            return  # a replayed flow's body is already stored: metered in response
         ctx.meter = self.meter_for(flow, ctx)
         flow.response.stream = ctx.meter
 

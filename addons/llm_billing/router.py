@@ -51,14 +51,16 @@ class Router:
             return
         config = self.settings.config
         assert config is not None
+        ctx = context.of(flow)
+        if ctx is not None and ctx.replayed:  # routed already, when it was saved
+            return
         path = flow.request.path.partition("?")[0]
         if config.route_for(path) is None:
             flow.response = error_response(
                 "openai", 404, f"Unknown path {path!r}. Supported: {', '.join(config.routes)}.",
                 "unknown_path")
             return
-        ctx = context.of(flow)
-        if ctx is None or ctx.replayed:  # answered by KeyAuth, or already routed when saved
+        if ctx is None:  # KeyAuth answered
             return
         self._route(flow, ctx, config)
 

@@ -49,7 +49,8 @@ class UpstreamCredentials:
 
     def request(self, flow: http.HTTPFlow) -> None:
         ctx = context.of(flow)
-        if flow.response is None and ctx is not None and ctx.backend is not None:
+        if flow.response is None and ctx is not None and ctx.backend is not None \
+                and not ctx.replayed:
             ctx.sending = True
             self._attach(flow)
 
