@@ -24,7 +24,14 @@ def test_shipped_config_loads():
                           {"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k",
                            "GOOGLE_API_KEY": "k"})
     assert set(config.routes) == {"/v1/chat/completions", "/v1/completions",
-                                  "/v1/embeddings", "/v1/messages"}
+                                  "/v1/embeddings", "/v1/responses", "/v1/messages",
+                                  "/v1beta/models/{model}:generateContent",
+                                  "/v1beta/models/{model}:streamGenerateContent"}
+    route = config.route_for("/v1beta/models/gemini-2.5-flash:streamGenerateContent")
+    assert route.model_from_path("/v1beta/models/gemini-2.5-flash:streamGenerateContent") \
+        == "gemini-2.5-flash" and route.streaming_path
+    assert config.route_for("/v1beta/models/a/b:generateContent") is None
+    assert config.prices.price_for("claude-haiku-4-5").pattern == "claude-haiku-*"
     assert config.backend_for("claude-opus-4-7").name == "anthropic"
     assert config.backend_for("llama31-70b").name == "local-vllm"
     assert config.backend_for("gemini-2.5-pro").auth.type == "query"
@@ -59,3 +66,11 @@ def test_missing_env_is_a_warning_not_an_error():
 def test_errors_name_the_spot(text: str, message: str):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(text, {"KEY": "k"})
+
+
+def test_metering_expression_errors_point_into_the_config():
+    text = MINIMAL + '[[routes]]\npath = "/v1/x"\nprotocol = "openai-chat"\n' \
+        'metering = "json(allData).usage +"\n'
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, {"KEY": "k"})
+    assert "routes[0].metering" in str(err.value) and "^" in str(err.value)

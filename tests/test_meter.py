@@ -191,3 +191,17 @@ def test_usage_extractors_never_raise_on_any_json(protocol: Protocol, payload):
     tracker.observe_event(SSEEvent("message_delta", text, None))
     tracker.observe_body(text.encode())
     assert tracker.usage is None or tracker.usage.prompt_tokens >= 0
+
+
+def test_hiding_never_holds_back_more_than_a_bounded_amount():
+    """A 'stream' that never ends an event is let through, not buffered."""
+    from llm_billing.meter import MAX_HELD
+    meter = chat_meter(hide=True)
+    sent = received = 0
+    for _ in range(64):
+        chunk = b"data: " + b"x" * 16_384
+        out = meter(chunk)
+        sent += len(chunk)
+        received += sum(map(len, out)) if isinstance(out, list) else len(out)
+        assert sent - received <= MAX_HELD + len(chunk)
+    assert received == sent

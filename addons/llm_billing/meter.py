@@ -28,6 +28,7 @@ from .usage import Protocol, Usage, UsageTracker, is_usage_only_chunk, parse_jso
 logger = logging.getLogger(__name__)
 
 MAX_JSON_BODY = 32 << 20  # a non-streamed body larger than this is estimated, not parsed
+MAX_HELD = 256 << 10  # an unfinished event held back longer than this is let through
 CHARS_PER_TOKEN = 4  # the usual rough ratio for English text, used only for estimates
 
 _NULL_USAGE = (
@@ -158,7 +159,14 @@ class StreamMeter:
                 if block.event:
                     self.tracker.observe_event(block.event)
             return chunk
-        return [raw for block in blocks if (raw := self._forward(block))]
+        out = [raw for block in blocks if (raw := self._forward(block))]
+        if self._parser.pending_raw_size > MAX_HELD:
+            # Not an SSE stream we can edit event by event: never hold it back.
+            logger.warning("Unterminated SSE event over %d bytes; passing the stream "
+                           "through unedited", MAX_HELD)
+            self._hide = False
+            out.append(self._parser.release_pending())
+        return out
 
     def _forward(self, block: SSEBlock) -> bytes:
         """The bytes of ``block`` the client gets (empty when hidden)."""

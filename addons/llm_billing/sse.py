@@ -73,6 +73,20 @@ class SSEParser:
         self._compact()
         return blocks
 
+    @property
+    def pending_raw_size(self) -> int:
+        """Bytes of the unfinished block held for the caller (``keep_raw`` only)."""
+        return len(self._buf) - self._block_start if self.keep_raw else 0
+
+    def release_pending(self) -> bytes:
+        """Give up raw tracking: the unfinished block's bytes so far, and no more held
+        from now on (parsing goes on)."""
+        held = bytes(self._buf[self._block_start :]) if self.keep_raw else b""
+        self.keep_raw = False
+        self._block_start = len(self._buf)
+        self._compact()
+        return held
+
     def finish(self) -> list[SSEBlock]:
         """End of stream: returns the unterminated rest, if any.
 
