@@ -9,11 +9,9 @@ a key the hot path never waits on the database.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +20,7 @@ from mitmproxy import ctx, http
 from pymongo.errors import PyMongoError
 
 from . import context
+from .cache import RefreshingCache
 from .config import Config
 from .context import Caller
 from .database import Database
@@ -33,15 +32,12 @@ logger = logging.getLogger(__name__)
 
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 CLIENT_KEY_QUERY = "key"  # Gemini clients may send ?key=
-MAX_CACHED_KEYS = 100_000  # bounds memory when clients send many distinct unknown keys
 
 
-@dataclass(slots=True)
-class _Entry:
+@dataclass(frozen=True, slots=True)
+class _KeyRecord:
     caller: Caller | None
     expiry: datetime | None  # the key's own date_expiry
-    fresh_until: float
-    refreshing: bool = False
 
 
 def token_hash(token: str) -> str:
@@ -83,9 +79,7 @@ class KeyAuth:
     def __init__(self, database: Database, settings: Settings) -> None:
         self.database = database
         self.settings = settings
-        self._cache: dict[str, _Entry] = {}
-        self._inflight: dict[str, asyncio.Future[_Entry]] = {}
-        self._refreshes: set[asyncio.Task] = set()
+        self._cache: RefreshingCache[str, _KeyRecord] = RefreshingCache(self._fetch)
 
     def load(self, loader) -> None:
         loader.add_option("key_cache_ttl", int, 30, "Seconds a key lookup stays fresh.")
@@ -143,56 +137,12 @@ class KeyAuth:
 
     async def lookup(self, secret_hash: str) -> Caller | None:
         """The key's caller, or None when unknown or expired."""
-        now = time.monotonic()
-        entry = self._cache.get(secret_hash)
-        if entry is None:
-            entry = await self._fetch_once(secret_hash)
-        elif entry.fresh_until < now and not entry.refreshing:
-            entry.refreshing = True
-            task = asyncio.create_task(self._refresh(secret_hash, entry))
-            self._refreshes.add(task)  # held until done, or it may be collected mid-run
-            task.add_done_callback(self._refreshes.discard)
-        if entry.expiry is not None and entry.expiry <= datetime.now(UTC):
+        record = await self._cache.get(secret_hash)
+        if record.expiry is not None and record.expiry <= datetime.now(UTC):
             return None
-        return entry.caller
+        return record.caller
 
-    async def _refresh(self, secret_hash: str, stale: _Entry) -> None:
-        try:
-            await self._fetch_once(secret_hash)
-        except PyMongoError as e:  # keep serving the stale entry; try again next request
-            logger.warning(f"API key refresh failed: {type(e).__name__}")
-            stale.refreshing = False
-
-    async def _fetch_once(self, secret_hash: str) -> _Entry:
-        """One database query per key at a time; concurrent callers share it."""
-        if (pending := self._inflight.get(secret_hash)) is not None:
-            return await asyncio.shield(pending)
-        future = asyncio.get_running_loop().create_future()
-        self._inflight[secret_hash] = future
-        try:
-            entry = await self._fetch(secret_hash)
-            if len(self._cache) >= MAX_CACHED_KEYS:
-                self._evict()
-            self._cache[secret_hash] = entry
-            future.set_result(entry)
-            return entry
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # consumed: no "never retrieved" warning
-            raise
-        finally:
-            del self._inflight[secret_hash]
-
-    def _evict(self) -> None:
-        """Drop stale entries; if that is not enough, unknown keys; then everything."""
-        now = time.monotonic()
-        for keep in (lambda e: e.fresh_until >= now, lambda e: e.caller is not None):
-            self._cache = {h: e for h, e in self._cache.items() if keep(e)}
-            if len(self._cache) < MAX_CACHED_KEYS:
-                return
-        self._cache.clear()
-
-    async def _fetch(self, secret_hash: str) -> _Entry:
+    async def _fetch(self, secret_hash: str) -> tuple[_KeyRecord, float]:
         client = await self.database.client()
         doc = await client.cgc.api_keys.find_one(
             key_query(secret_hash, datetime.now(UTC)),
@@ -207,8 +157,8 @@ class KeyAuth:
         if doc is not None and not valid:
             logger.warning(f"API key {doc.get('_id')!r} has no user_id; refusing it")
         expiry = doc.get("date_expiry") if valid else None
-        return _Entry(
+        record = _KeyRecord(
             caller=Caller(key_id=doc["_id"], user_id=doc["user_id"]) if valid else None,
             expiry=expiry if isinstance(expiry, datetime) else None,
-            fresh_until=time.monotonic() + ttl,
         )
+        return record, ttl
