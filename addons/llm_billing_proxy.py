@@ -10,10 +10,12 @@ from llm_billing.database import Database
 from llm_billing.defaults import ProxyDefaults
 from llm_billing.eventlog import EventLog
 from llm_billing.keyauth import KeyAuth
+from llm_billing.limits import Limits
 from llm_billing.meter import Meter
 from llm_billing.router import Router
 from llm_billing.settings import Settings
 from llm_billing.upstream_auth import CredentialRedactor
+from llm_billing.users import UserPlans
 
 proxy_errors.install()
 
@@ -24,9 +26,11 @@ addons = [
     ProxyDefaults(),
     settings,
     KeyAuth(database, settings),
+    UserPlans(database, settings),
     Router(settings),
     CredentialRedactor(),
     Meter(),
+    Limits(database, settings),  # after Router (request) and Meter (response)
     EventLog(database, settings),
     database,  # last, so it closes after the event log has flushed
 ]

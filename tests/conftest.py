@@ -96,7 +96,7 @@ default = { input = "1.00", output = "2.00", unit = "1000" }
 def write_config(path: Path, upstream_url: str, down_url: str, extra: str = "") -> Path:
     path.write_text(PRICES + extra + f"""
 [proxy]
-default_plan = "free"
+default_plan = "enterprise"  # unlimited: the limits tests set plans per user
 
 [[backends]]
 name = "fake-openai"

