@@ -90,6 +90,15 @@ default = { input = "1.00", output = "2.00", unit = "1000" }
 "o*" = { input = "1.10", cache_read = "0.275", output = "4.40" }
 "claude-*" = { input = "3", cache_read = "0.30", cache_write = "3.75", output = "15" }
 "gemini-*" = { input = "0.30", cache_read = "0.075", output = "2.50" }
+
+[plans.tpm-test]
+name = "TPM test"
+tokens_per_minute = 600
+
+[plans.quota-test]
+name = "Quota test"
+monthly_tokens = 5000
+overage = "blocked"
 """
 
 
@@ -213,6 +222,33 @@ def make_key(db: MongoClient) -> Callable[..., ApiKey]:
 @pytest.fixture
 def key(make_key: Callable[..., ApiKey]) -> ApiKey:
     return make_key()
+
+
+def set_plan(db: MongoClient, user_id: str, plan: str, tokens_used: int = 0) -> None:
+    """Put a user on a plan, with this month's usage so far."""
+    db.billing.users.update_one({"_id": user_id}, {"$set": {"plan": plan}}, upsert=True)
+    if tokens_used:
+        now = datetime.now(UTC)
+        db.billing.usage.update_one(
+            {"_id": f"{user_id}:{now.year:04d}-{now.month:02d}"},
+            {"$set": {"tokens": tokens_used, "user_id": user_id}}, upsert=True)
+
+
+def usage_doc(db: MongoClient, user_id: str) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return db.billing.usage.find_one({"_id": f"{user_id}:{now.year:04d}-{now.month:02d}"}) \
+        or {}
+
+
+def wait_for_usage(db: MongoClient, user_id: str, tokens: int, field: str = "tokens",
+                   timeout: float = 15.0) -> dict[str, Any]:
+    """The user's usage document once its ``field`` (settled tokens) reaches ``tokens``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = usage_doc(db, user_id)
+        if doc.get(field, 0) >= tokens or time.monotonic() > deadline:
+            return doc
+        time.sleep(0.05)
 
 
 def wait_for_events(db: MongoClient, user_id: str, count: int,

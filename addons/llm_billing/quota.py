@@ -143,7 +143,7 @@ class QuotaLedger:
             idle = account.reserved == 0 and now - account.last_used > IDLE_RELEASE
             if account.unflushed or account.unflushed_requests:
                 await self._write(usage, account)
-            elif idle and account.lease > 0:
+            elif idle and account.lease:  # a negative lease is an overshoot, now in tokens
                 await usage.update_one({"_id": account.key},
                                        {"$inc": {f"leases.{self.instance}.amount":
                                                  -account.lease}})

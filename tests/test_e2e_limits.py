@@ -1,0 +1,215 @@
+"""Plans, quotas, tokens per minute and overage through a real mitmdump: SDK clients,
+pymongo over the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from decimal import Decimal
+
+import anthropic
+import openai
+import pytest
+from bson import Decimal128
+from google.genai import errors as genai_errors
+from pymongo import MongoClient
+from test_e2e_providers import gemini_sdk
+
+from conftest import (
+    ApiKey,
+    Proxy,
+    set_plan,
+    start_proxy,
+    stop_proxy,
+    usage_doc,
+    wait_for_events,
+    wait_for_usage,
+    write_config,
+)
+from fake_upstream import FakeUpstream
+
+PROMPT = [{"role": "user", "content": "Hello!"}]
+
+
+def openai_sdk(proxy: Proxy, key: ApiKey) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key.token, max_retries=0)
+
+
+def test_free_quota_exhausted_in_every_format(proxy: Proxy, key: ApiKey, db,
+                                              upstream: FakeUpstream):
+    set_plan(db, key.user_id, "free", tokens_used=9_990)
+    with pytest.raises(openai.RateLimitError) as err:
+        openai_sdk(proxy, key).chat.completions.create(model="gpt-4o-mini", messages=PROMPT,
+                                                       max_tokens=50)
+    assert err.value.code == "insufficient_quota"
+    assert int(err.value.response.headers["retry-after"]) > 0
+    assert err.value.response.headers["x-ratelimit-limit-tokens"] == "1000"
+    client = anthropic.Anthropic(base_url=proxy.url, api_key=key.token, max_retries=0)
+    with pytest.raises(anthropic.RateLimitError) as aerr:
+        client.messages.create(model="claude-opus-4-7", max_tokens=50, messages=PROMPT)
+    assert aerr.value.body["error"]["type"] == "rate_limit_error"
+    google = gemini_sdk(proxy, key.token)
+    with pytest.raises(genai_errors.ClientError) as gerr:
+        google.models.generate_content(model="gemini-2.5-flash", contents="Hi")
+    assert gerr.value.code == 429 and gerr.value.status == "RESOURCE_EXHAUSTED"
+    time.sleep(1)
+    assert db.billing.events_completion.count_documents({"user_id": key.user_id}) == 0
+    assert usage_doc(db, key.user_id)["tokens"] == 9_990
+
+
+def test_plan_header_and_rate_limit_headers_on_success(proxy: Proxy, key: ApiKey, db,
+                                                       upstream: FakeUpstream, test_id: str):
+    set_plan(db, key.user_id, "starter")
+    raw = openai_sdk(proxy, key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=PROMPT, max_tokens=20,
+        extra_headers={"X-Test-Id": test_id})
+    assert upstream.exchange(test_id).headers["x-plan-id"] == "starter"
+    assert raw.headers["x-ratelimit-limit-tokens"] == "10000"
+    remaining = int(raw.headers["x-ratelimit-remaining-tokens"])
+    assert 10_000 - 40 <= remaining < 10_000  # the request's hold: prompt + max_tokens
+    assert re.fullmatch(r"\d+(ms|(\d+m)?[\d.]+s)", raw.headers["x-ratelimit-reset-tokens"])
+
+
+def test_tokens_per_minute_refuses_then_recovers(proxy: Proxy, key: ApiKey, db):
+    set_plan(db, key.user_id, "tpm-test")  # 600 tokens per minute: 10 per second
+    client = openai_sdk(proxy, key)
+    with pytest.raises(openai.RateLimitError) as too_big:
+        client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=700)
+    assert "Request too large" in too_big.value.message
+    client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=500)
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=590)
+    assert err.value.code == "rate_limit_exceeded"
+    wait = int(err.value.response.headers["retry-after"])
+    assert 1 <= wait <= 10
+    time.sleep(wait)
+    client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=590)
+    assert len(wait_for_events(db, key.user_id, 2)) == 2
+
+
+def test_overage_is_counted_exactly(proxy: Proxy, key: ApiKey, db, upstream: FakeUpstream,
+                                    test_id: str):
+    set_plan(db, key.user_id, "starter", tokens_used=99_990)
+    client = openai_sdk(proxy, key)
+    client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=30,
+                                   extra_headers={"X-Test-Id": test_id})
+    first = upstream.exchange(test_id).usage["total_tokens"]
+    doc = wait_for_usage(db, key.user_id, 99_990 + first - 100_000, "overage_tokens")
+    assert doc["overage_tokens"] == 99_990 + first - 100_000
+    client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=30,
+                                   extra_headers={"X-Test-Id": test_id + "b"})
+    second = upstream.exchange(test_id + "b").usage["total_tokens"]
+    over = 99_990 + first + second - 100_000
+    doc = wait_for_usage(db, key.user_id, over, "overage_tokens")
+    assert doc["overage_tokens"] == over  # past the quota, every token is overage
+    assert doc["overage_cost"] == Decimal128(Decimal(over) * Decimal("0.002"))
+    assert doc["usage"]["prompt_tokens"] + doc["usage"]["completion_tokens"] == first + second
+
+
+def test_enterprise_is_never_limited(proxy: Proxy, key: ApiKey, db):
+    set_plan(db, key.user_id, "enterprise", tokens_used=10**12)
+    raw = openai_sdk(proxy, key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=PROMPT, max_tokens=100_000)
+    assert "x-ratelimit-limit-tokens" not in raw.headers
+    assert len(wait_for_events(db, key.user_id, 1)) == 1
+
+
+async def _storm(urls: list[str], key: ApiKey, n: int, max_tokens: int,
+                 content: str) -> tuple[int, int]:
+    """n concurrent streaming requests, spread over ``urls``: (admitted, refused)."""
+    clients = [openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key.token, max_retries=0)
+               for url in urls]
+
+    async def one(i: int) -> bool:
+        try:
+            stream = await clients[i % len(clients)].chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": content}],
+                max_tokens=max_tokens, stream=True)
+            async for _ in stream:
+                pass
+            return True
+        except openai.RateLimitError as e:
+            assert e.code == "insufficient_quota"
+            return False
+
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    return sum(results), n - sum(results)
+
+
+def overshoot(db: MongoClient, key: ApiKey, quota: int, before: int, admitted: int) -> int:
+    events = wait_for_events(db, key.user_id, admitted)
+    assert len(events) == admitted
+    billed = sum(e["tokens_billed"] for e in events)
+    doc = wait_for_usage(db, key.user_id, before + billed)
+    assert doc["tokens"] == before + billed  # the usage document agrees with the events
+    return before + billed - quota
+
+
+# A prompt whose real token count (the fake's tokenizer counts the JSON too) is above the
+# proxy's estimate, so each admitted request uses more than it reserved: the worst case.
+CONTENT = "x" * 400
+RESERVATION = 100 + 5  # ceil(404 characters / 4) + max_tokens
+
+
+def test_64_concurrent_requests_near_the_free_quota(proxy: Proxy, key: ApiKey, db, capsys):
+    before = 9_550  # 450 left: room for four reservations
+    set_plan(db, key.user_id, "free", tokens_used=before)
+    admitted, refused = asyncio.run(_storm([proxy.url], key, 64, 5, CONTENT))
+    assert admitted >= 1 and refused >= 50
+    over = overshoot(db, key, 10_000, before, admitted)
+    assert over <= RESERVATION
+    with capsys.disabled():
+        print(f"\n64 concurrent, one instance: {admitted} admitted, {refused} refused, "
+              f"billed beyond quota: {over} tokens (bound: {RESERVATION})")
+
+
+def test_two_instances_share_one_quota(tmp_path, mongo_uri: str, upstream: FakeUpstream,
+                                       key: ApiKey, db, capsys):
+    config = write_config(tmp_path / "config.toml", upstream.url, "http://127.0.0.1:9")
+    second = start_proxy(tmp_path, mongo_uri, config)
+    first = start_proxy(tmp_path / "..", mongo_uri, config)
+    try:
+        before = 3_000  # quota-test: 5,000 a month, blocked after
+        set_plan(db, key.user_id, "quota-test", tokens_used=before)
+        admitted, refused = asyncio.run(_storm([first.url, second.url], key, 64, 5, CONTENT))
+        over = overshoot(db, key, 5_000, before, admitted)
+        # leases are taken in slices of 5 % of the quota (250): an instance may be left
+        # holding part of one it cannot use while the other runs dry
+        assert refused > 0 and admitted >= (2_000 - 2 * 250) // RESERVATION
+        assert over <= 2 * RESERVATION  # one reservation per instance
+        with capsys.disabled():
+            print(f"\n64 concurrent over two instances: {admitted} admitted, {refused} "
+                  f"refused, billed beyond quota: {over} tokens (bound: {2 * RESERVATION})")
+    finally:
+        stop_proxy(first)
+        stop_proxy(second)
+
+
+def test_quota_survives_a_restart(tmp_path, mongo_uri: str, upstream: FakeUpstream,
+                                  key: ApiKey, db):
+    config = write_config(tmp_path / "config.toml", upstream.url, "http://127.0.0.1:9")
+    set_plan(db, key.user_id, "quota-test", tokens_used=4_700)
+    proxy = start_proxy(tmp_path, mongo_uri, config)
+    try:
+        client = openai_sdk(proxy, key)
+        used = 0
+        with pytest.raises(openai.RateLimitError):
+            for _ in range(10):
+                client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT,
+                                               max_tokens=60)
+                used += 1
+        assert used >= 2
+    finally:
+        stop_proxy(proxy)  # flushes usage and hands its lease back
+    doc = usage_doc(db, key.user_id)
+    billed = sum(e["tokens_billed"] for e in wait_for_events(db, key.user_id, used))
+    assert doc["tokens"] == 4_700 + billed
+    assert all(lease["amount"] == 0 for lease in doc["leases"].values())
+    proxy = start_proxy(tmp_path, mongo_uri, config)
+    try:
+        with pytest.raises(openai.RateLimitError):
+            openai_sdk(proxy, key).chat.completions.create(
+                model="gpt-4o-mini", messages=PROMPT, max_tokens=60)
+    finally:
+        stop_proxy(proxy)
