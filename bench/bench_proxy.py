@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Proxy overhead on loopback: direct vs bare mitmdump (reverse) vs our addons.
+"""Proxy overhead on loopback: direct vs bare mitmdump (reverse) vs our addons, with plan
+limits on and off.
 
     uv run bench/bench_proxy.py [--seconds 8] [--concurrency 1 16]
 
 Every process is real: the fake streaming upstream (OpenAI chat SSE, 11 events), bare
-mitmdump, mitmdump with the billing addons on the embedded database, and this load
-generator (httpx, HTTP/1.1 keep-alive). Prints a Markdown table: requests/s, p50/p99
-latency and p50/p99 time to first byte per target and concurrency.
+mitmdump, mitmdump with the billing addons on the embedded database (twice: limits on —
+the user's plan has a monthly quota that blocks and a TPM limit, both far away — and
+``--set limits=false``), and this load generator (httpx, HTTP/1.1 keep-alive). Prints a
+Markdown table: requests/s, p50/p99 latency and p50/p99 time to first byte.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ from conftest import free_port, wait_for_port, write_config  # noqa: E402
 from llm_billing.embedded_db import start_embedded_db  # noqa: E402
 
 TOKEN = "bench-token"
+BENCH_PLAN = """
+[plans.bench]
+monthly_tokens = 1000000000
+tokens_per_minute = 100000000
+overage = "blocked"
+"""
 BODY = {"model": "gpt-4o-mini", "stream": True, "max_tokens": 9,
         "messages": [{"role": "user", "content": "Say hello"}]}
 
@@ -90,7 +98,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     mitmdump = str(Path(sys.executable).with_name("mitmdump"))
-    up_port, bare_port, ours_port = free_port(), free_port(), free_port()
+    up_port, bare_port, ours_port, off_port = free_port(), free_port(), free_port(), free_port()
     procs = [spawn([sys.executable, str(ROOT / "tests/fake_upstream.py"), "--port",
                     str(up_port)], tmp / "upstream.log")]
     mongo_uri, db_process = start_embedded_db(tmp / "db", free_port())
@@ -98,20 +106,23 @@ def main() -> None:
         db.cgc.api_keys.insert_one({"secret": hashlib.sha256(TOKEN.encode()).hexdigest(),
                                     "access_level": "COMPLETION", "user_id": "bench",
                                     "date_expiry": None})
+        db.billing.users.insert_one({"_id": "bench", "plan": "bench"})
     upstream = f"http://127.0.0.1:{up_port}"
-    config = write_config(tmp / "config.toml", upstream, "http://127.0.0.1:9")
+    config = write_config(tmp / "config.toml", upstream, "http://127.0.0.1:9", BENCH_PLAN)
     procs.append(spawn([mitmdump, "-q", "--mode", f"reverse:{upstream}", "-p", str(bare_port),
                         "--set", "connection_strategy=lazy"], tmp / "bare.log"))
-    procs.append(spawn([mitmdump, "-q", "-s", str(ROOT / "addons/llm_billing_proxy.py"),
-                        "-p", str(ours_port), "--set", f"billing_config={config}",
-                        "--set", f"billing_data_dir={tmp}"], tmp / "ours.log",
-                       {"MONGODB_URI": mongo_uri, "FAKE_OPENAI_KEY": "sk-bench"}))
+    for port, extra in ((ours_port, []), (off_port, ["--set", "limits=false"])):
+        procs.append(spawn([mitmdump, "-q", "-s", str(ROOT / "addons/llm_billing_proxy.py"),
+                            "-p", str(port), "--set", f"billing_config={config}",
+                            "--set", f"billing_data_dir={tmp}", *extra], tmp / f"{port}.log",
+                           {"MONGODB_URI": mongo_uri, "FAKE_OPENAI_KEY": "sk-bench"}))
     try:
-        for port in (up_port, bare_port, ours_port):
+        for port in (up_port, bare_port, ours_port, off_port):
             wait_for_port(port)
         time.sleep(2)  # let our addons finish starting (database client, mode switch)
         targets = {"direct": upstream, "bare mitmdump": f"http://127.0.0.1:{bare_port}",
-                   "llm-billing-proxy": f"http://127.0.0.1:{ours_port}"}
+                   "llm-billing-proxy, limits off": f"http://127.0.0.1:{off_port}",
+                   "llm-billing-proxy, limits on": f"http://127.0.0.1:{ours_port}"}
         print("| target | concurrency | req/s | p50 ms | p99 ms | TTFB p50 ms | TTFB p99 ms |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for concurrency in args.concurrency:

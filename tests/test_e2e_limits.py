@@ -58,6 +58,17 @@ def test_free_quota_exhausted_in_every_format(proxy: Proxy, key: ApiKey, db,
     assert usage_doc(db, key.user_id)["tokens"] == 9_990
 
 
+def test_first_request_of_the_month_creates_the_usage_document(proxy: Proxy, key: ApiKey,
+                                                              db):
+    set_plan(db, key.user_id, "free")  # no usage document yet
+    openai_sdk(proxy, key).chat.completions.create(model="gpt-4o-mini", messages=PROMPT,
+                                                   max_tokens=20)
+    [event] = wait_for_events(db, key.user_id, 1)
+    doc = wait_for_usage(db, key.user_id, event["tokens_billed"])
+    assert doc["tokens"] == event["tokens_billed"] and doc["requests"] == 1
+    assert doc["user_id"] == key.user_id and len(doc["leases"]) == 1
+
+
 def test_plan_header_and_rate_limit_headers_on_success(proxy: Proxy, key: ApiKey, db,
                                                        upstream: FakeUpstream, test_id: str):
     set_plan(db, key.user_id, "starter")

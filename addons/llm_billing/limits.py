@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mitmproxy import ctx, http
+from pymongo.errors import PyMongoError
 
 from . import context
 from .database import Database
@@ -94,7 +95,14 @@ class Limits:
             self._refuse(flow, fmt, message, "rate_limit_exceeded", wait, bucket, now_mono)
             return
         account = self.ledger.account(rc.caller.user_id, month_of(now), plan)
-        if not await self.ledger.reserve(account, tokens):
+        try:
+            admitted = await self.ledger.reserve(account, tokens)
+        except PyMongoError as e:  # a blocking plan's quota can't be checked: fail closed
+            logger.warning(f"Quota check failed ({type(e).__name__}) for {account.key}")
+            flow.response = error_response(
+                fmt, 503, "Usage limits are temporarily unavailable; retry shortly.")
+            return
+        if not admitted:
             message = (f"You exceeded your monthly quota of {plan.monthly_tokens} tokens "
                        f"on plan {plan.name}. Upgrade your plan to continue.")
             self._refuse(flow, fmt, message, "insufficient_quota",

@@ -120,9 +120,11 @@ class QuotaLedger:
             if available < shortfall:
                 return False
             grant = min(available, max(shortfall, quota // 20))
+            # compare-and-set on "version" ($exists, not null: an upsert copies equalities)
+            version = doc.get("version", {"$exists": False})
             try:
                 result = await usage.update_one(
-                    {"_id": account.key, "version": doc.get("version")},
+                    {"_id": account.key, "version": version},
                     {"$inc": {f"leases.{self.instance}.amount": grant, "version": 1},
                      "$set": {f"leases.{self.instance}.expires": now + LEASE_TTL},
                      "$setOnInsert": {"user_id": account.user_id, "month": account.month}},
