@@ -14,23 +14,28 @@ from llm_billing.limits import Limits
 from llm_billing.meter import Meter
 from llm_billing.router import Router
 from llm_billing.settings import Settings
+from llm_billing.stripe_reporter import StripeReporter
 from llm_billing.upstream_auth import CredentialRedactor
 from llm_billing.users import UserPlans
+from llm_billing.webhook import StripeWebhook
 
 proxy_errors.install()
 
 settings = Settings()
 database = Database()
+user_plans = UserPlans(database, settings)
 
 addons = [
     ProxyDefaults(),
     settings,
     KeyAuth(database, settings),
-    UserPlans(database, settings),
+    user_plans,
+    StripeWebhook(database, settings, user_plans),  # answers /webhook/stripe itself
     Router(settings),
     CredentialRedactor(),
     Meter(),
     Limits(database, settings),  # after Router (request) and Meter (response)
     EventLog(database, settings),
+    StripeReporter(database, settings),
     database,  # last, so it closes after the event log has flushed
 ]

@@ -8,6 +8,9 @@
     uv run scripts/billing.py users set-plan alice pro
     uv run scripts/billing.py users list
     uv run scripts/billing.py report [--month 2026-11] [--user alice] [--csv]
+    uv run scripts/billing.py subscribe alice starter      # a Stripe Checkout link
+    uv run scripts/billing.py portal alice                 # a Stripe Customer Portal link
+    uv run scripts/billing.py stripe-reconcile [--month 2026-11] [--csv]
 
 Uses MONGODB_URI, or the embedded database. A key's token is printed once, at creation;
 only its SHA-256 is stored.
@@ -34,6 +37,7 @@ from llm_billing.config import Config
 from llm_billing.keyauth import token_hash
 from llm_billing.plans import month_of
 from llm_billing.settings import read_config
+from llm_billing.stripe_billing import checkout_session, client_for, portal_session
 
 USAGE_CLASSES = ("prompt_tokens", "completion_tokens", "cache_read_tokens",
                  "cache_write_tokens", "reasoning_tokens")
@@ -152,6 +156,60 @@ def event_costs(db: MongoClient, month: str, user: str | None) -> dict[Any, Deci
             for row in db.billing.events_completion.aggregate(pipeline)}
 
 
+def stripe_client(config: Config):
+    if not config.stripe.enabled:
+        sys.exit("Stripe is off: set STRIPE_SECRET_KEY (and STRIPE_WEBHOOK_SECRET)")
+    return client_for(config.stripe)
+
+
+def subscribe(db: MongoClient, args: argparse.Namespace) -> None:
+    """A Checkout Session for a user and plan; the webhook applies it once paid."""
+    config = load_config()
+    plan = config.plans[check_plan(args.plan)]
+    if not plan.stripe_price:
+        sys.exit(f"plan {plan.id} has no stripe_price: there is nothing to pay")
+    user = db.billing.users.find_one({"_id": args.user}) or {}
+    session = checkout_session(stripe_client(config), config.stripe, args.user, plan,
+                               customer_id=user.get("stripe_customer_id"),
+                               email=user.get("email"))
+    print(f"checkout session {session.id} for {args.user} -> {plan.id}:\n{session.url}")
+
+
+def portal(db: MongoClient, args: argparse.Namespace) -> None:
+    config = load_config()
+    user = db.billing.users.find_one({"_id": args.user}) or {}
+    if not user.get("stripe_customer_id"):
+        sys.exit(f"user {args.user} has no Stripe customer yet (subscribe first)")
+    session = portal_session(stripe_client(config), config.stripe, user["stripe_customer_id"])
+    print(session.url)
+
+
+def stripe_reconcile(db: MongoClient, args: argparse.Namespace) -> None:
+    """Per user and month: overage tokens recorded vs put in the outbox vs sent to Stripe."""
+    month = args.month or month_of(datetime.now(UTC))
+    sent: dict[Any, int] = {}
+    waiting: dict[Any, int] = {}
+    for item in db.billing.stripe_outbox.find({"month": month}):
+        bucket = sent if item["status"] == "sent" else waiting
+        bucket[item["user_id"]] = bucket.get(item["user_id"], 0) + item["value"]
+    header = ["month", "user", "overage_recorded", "in_outbox", "reported_to_stripe",
+              "not_yet_reported", "state"]
+    rows = []
+    for doc in db.billing.usage.find({"month": month, "overage_tokens": {"$gt": 0}}):
+        user, recorded = doc["user_id"], doc["overage_tokens"]
+        reported = sent.get(user, 0)
+        state = "ok" if reported == recorded else "pending" if reported < recorded \
+            else "OVER-REPORTED"
+        rows.append([month, str(user), recorded, doc.get("outboxed_tokens", 0), reported,
+                     recorded - reported, state])
+    if args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(header)
+        writer.writerows(rows)
+    else:
+        table(header, rows)
+
+
 def decimal(value: Any) -> Decimal:
     if isinstance(value, Decimal128):
         return value.to_decimal()
@@ -199,6 +257,17 @@ def main() -> None:
     rep.add_argument("--user")
     rep.add_argument("--csv", action="store_true")
     rep.set_defaults(run=report)
+    sub_ = sub.add_parser("subscribe", help="a Stripe Checkout link for a plan")
+    sub_.add_argument("user")
+    sub_.add_argument("plan")
+    sub_.set_defaults(run=subscribe)
+    port = sub.add_parser("portal", help="a Stripe Customer Portal link")
+    port.add_argument("user")
+    port.set_defaults(run=portal)
+    rec = sub.add_parser("stripe-reconcile", help="overage recorded vs reported to Stripe")
+    rec.add_argument("--month", help="YYYY-MM (default: this month, UTC)")
+    rec.add_argument("--csv", action="store_true")
+    rec.set_defaults(run=stripe_reconcile)
     args = parser.parse_args()
     with database_uri() as uri, MongoClient(uri, tz_aware=True) as client:
         args.run(client, args)

@@ -155,10 +155,10 @@ class Proxy:
 
 
 def start_proxy(tmp: Path, mongo_uri: str, config_path: Path, *extra: str,
-                tool: str = "mitmdump") -> Proxy:
+                tool: str = "mitmdump", env: dict[str, str] | None = None) -> Proxy:
     port = free_port()
     log_path = tmp / f"{tool}-{port}.log"
-    env = {**os.environ, **UPSTREAM_KEYS, "MONGODB_URI": mongo_uri}
+    env = {**os.environ, **UPSTREAM_KEYS, "MONGODB_URI": mongo_uri, **(env or {})}
     env.pop("LLM_BILLING_TEST_UNSET_VARIABLE", None)
     args = [str(MITMDUMP.with_name(tool)), "-s", str(ROOT / "addons/llm_billing_proxy.py"),
             "-p", str(port), "--set", f"billing_config={config_path}",
@@ -229,9 +229,10 @@ def set_plan(db: MongoClient, user_id: str, plan: str, tokens_used: int = 0) -> 
     db.billing.users.update_one({"_id": user_id}, {"$set": {"plan": plan}}, upsert=True)
     if tokens_used:
         now = datetime.now(UTC)
+        month = f"{now.year:04d}-{now.month:02d}"
         db.billing.usage.update_one(
-            {"_id": f"{user_id}:{now.year:04d}-{now.month:02d}"},
-            {"$set": {"tokens": tokens_used, "user_id": user_id}}, upsert=True)
+            {"_id": f"{user_id}:{month}"},
+            {"$set": {"tokens": tokens_used, "user_id": user_id, "month": month}}, upsert=True)
 
 
 def usage_doc(db: MongoClient, user_id: str) -> dict[str, Any]:

@@ -92,3 +92,25 @@ def test_embedded_insert_rate_stays_flat(tmp_path):
     finally:
         process.terminate()
     assert late > early * 0.6, (early, late)
+
+
+def test_an_unencodable_event_is_set_aside_and_writing_goes_on(mongo_uri: str, db, tmp_path):
+    from mitmproxy.test import taddons
+
+    from llm_billing.database import Database
+    from llm_billing.eventlog import DEAD_LETTER_FILE
+
+    user = f"user-{uuid.uuid4().hex}"
+    bad = {**event(user), "timings": {1, 2}}  # a set: BSON cannot encode it
+
+    async def go():
+        log = EventLog(FixedDatabase(mongo_uri))
+        options_owner = Database()  # declares billing_data_dir
+        with taddons.context(log, options_owner) as tctx:
+            tctx.configure(options_owner, billing_data_dir=str(tmp_path))
+            await log.write([bad])
+            await log.write([event(user)])
+
+    asyncio.run(go())
+    assert db.billing.events_completion.count_documents({"user_id": user}) == 1
+    assert user in (tmp_path / DEAD_LETTER_FILE).read_text()

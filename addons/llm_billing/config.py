@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from .expression import Expression, ExpressionError, compile_expression
 from .plans import Plan, PlanError, parse_plans
 from .prices import EMPTY, PriceError, PriceTable, parse_prices
+from .stripe_billing import StripeConfigError, StripeSettings, parse_stripe
 from .usage import Protocol
 
 AUTH_TYPES = ("bearer", "header", "query", "none")
@@ -101,6 +102,7 @@ class Config:
     prices: PriceTable = EMPTY
     plans: Mapping[str, Plan] = field(default_factory=lambda: parse_plans(None))
     reserve_output_tokens: int = 256  # held for a request that sets no output limit
+    stripe: StripeSettings = field(default_factory=lambda: parse_stripe(None, {}))
 
     def plan(self, plan_id: str | None) -> Plan:
         """The plan of that id, else the default plan."""
@@ -142,15 +144,19 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
     try:
         prices = parse_prices(data.get("prices"))
         plans = parse_plans(data.get("plans"))
-    except (PriceError, PlanError) as e:
+        stripe = parse_stripe(data.get("stripe"), env)
+    except (PriceError, PlanError, StripeConfigError) as e:
         raise ConfigError(str(e)) from None
+    if stripe.fallback_plan not in plans:
+        raise ConfigError(f"stripe.fallback_plan: no plan {stripe.fallback_plan!r}")
     if default_plan not in plans:
         raise ConfigError(f"proxy.default_plan: no plan {default_plan!r} "
                           f"(plans: {', '.join(plans)})")
     reserve = proxy.get("reserve_output_tokens", 256)
     if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
         raise ConfigError("proxy.reserve_output_tokens: must be a non-negative integer")
-    return Config(backends, routes, default_plan, tuple(warnings), prices, plans, reserve)
+    return Config(backends, routes, default_plan, tuple(warnings), prices, plans, reserve,
+                  stripe)
 
 
 def _routes(data: dict[str, Any]) -> dict[str, Route]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -52,7 +53,11 @@ def _append_jsonl(path: Path, events: list[tuple[str, dict]]) -> None:
     with path.open("a") as f:
         for collection, doc in events:
             line = {"collection": collection, "doc": doc}
-            f.write(json_util.dumps(line, json_options=json_util.CANONICAL_JSON_OPTIONS) + "\n")
+            try:
+                text = json_util.dumps(line, json_options=json_util.CANONICAL_JSON_OPTIONS)
+            except (TypeError, ValueError):  # keep what can be kept, readable
+                text = json.dumps(line, default=repr)
+            f.write(text + "\n")
 
 
 class EventLog:
@@ -135,22 +140,28 @@ class EventLog:
                 if rejected:
                     logger.error(f"{len(rejected)} events rejected by the database; kept in "
                                  f"{DEAD_LETTER_FILE}")
-                    _append_jsonl(self._data_dir / DEAD_LETTER_FILE,
+                    _append_jsonl(self._data_dir() / DEAD_LETTER_FILE,
                                   [(collection, doc) for doc in rejected])
                 pending = retry
             except PyMongoError as e:
                 logger.warning(f"Event write failed ({type(e).__name__}); retrying in {delay:.1f}s"
                                f" ({len(pending)} events waiting + {self.queue.qsize()} queued)")
+            except Exception:  # e.g. a value BSON cannot encode: keep it, go on writing
+                logger.exception(f"{len(pending)} events could not be written; kept in "
+                                 f"{DEAD_LETTER_FILE}")
+                _append_jsonl(self._data_dir() / DEAD_LETTER_FILE,
+                              [(collection, doc) for doc in pending])
+                return
             if pending:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    @property
-    def _data_dir(self) -> Path:
+    @staticmethod
+    def _data_dir() -> Path:  # a method: mitmproxy inspects addon attributes at load
         return Path(ctx.options.billing_data_dir)
 
     async def _replay_spill(self) -> None:
-        path = self._data_dir / SPILL_FILE
+        path = self._data_dir() / SPILL_FILE
         if not path.exists():
             return
         lines = [json_util.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -173,6 +184,6 @@ class EventLog:
             await self._writer
         unsent = self._in_flight + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
         if unsent:
-            _append_jsonl(self._data_dir / SPILL_FILE, unsent)
+            _append_jsonl(self._data_dir() / SPILL_FILE, unsent)
             logger.warning(f"{len(unsent)} events not yet stored; saved to {SPILL_FILE}, "
                            "written at next start")

@@ -194,6 +194,8 @@ class QuotaLedger:
                 await self.flush()
             except PyMongoError as e:  # counts stay in memory until the next try
                 logger.warning(f"Usage flush failed ({type(e).__name__}); retrying")
+            except Exception:  # a bug must not stop usage writes for good
+                logger.exception("Usage flush failed")
 
     async def close(self, timeout: float) -> None:
         """Last flush at shutdown, leases released."""

@@ -1,7 +1,8 @@
 """UserPlans addon: the caller's plan, from ``billing.users`` (cached).
 
 A user document is ``{_id: <user_id of cgc.api_keys>, plan: "starter", ...}``; a user
-without one, or with a plan id the config does not know, gets the default plan. Lookups
+without one, or with a plan id the config does not know, gets the default plan. A user
+whose payment failed longer ago than the grace period is refused (429). Lookups
 go through the refreshing cache, so a plan change reaches every instance within
 ``user_cache_ttl`` seconds without a database round trip per request.
 """
@@ -17,7 +18,9 @@ from pymongo.errors import PyMongoError
 from . import context
 from .cache import RefreshingCache
 from .database import Database
+from .errors import error_response
 from .settings import Settings
+from .stripe_billing import payment_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,11 @@ class UserPlans:
         except PyMongoError as e:  # plans fail open to the default plan, loudly
             logger.warning(f"User lookup failed ({type(e).__name__}); using the default plan")
             user = {}
+        if payment_blocked(user, config.stripe):
+            flow.response = error_response(
+                rc.protocol.error_format, 429, "Your last payment failed. Update your payment "
+                "method in the billing portal to continue.", "insufficient_quota")
+            return
         plan_id = user.get("plan")
         if plan_id and plan_id not in config.plans:
             logger.warning(f"User {rc.caller.user_id!r} has unknown plan {plan_id!r}; "

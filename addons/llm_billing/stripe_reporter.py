@@ -1,0 +1,156 @@
+"""StripeReporter addon: overage tokens to Stripe Billing Meters, from a durable outbox.
+
+In the background, never on the request path:
+1. Each user-month whose ``overage_tokens`` grew past what was already put in the outbox
+   gets one outbox item in ``billing.stripe_outbox`` for the difference. Its ``_id`` — the
+   meter event's ``identifier`` — is ``overage:<user>:<month>:<tokens already outboxed>``:
+   deterministic, so a crash between writing the item and advancing ``outboxed_tokens``
+   only finds the same item again.
+2. Pending items are sent with ``billing.MeterEvent.create`` (``stripe_customer_id`` and
+   ``value``); a failure is retried with backoff, and Stripe refuses a second event with
+   the same identifier, so a retry can never count twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import stripe
+from mitmproxy import ctx
+from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from .database import Database
+from .settings import Settings
+from .stripe_billing import client_for
+
+logger = logging.getLogger(__name__)
+
+SENDABLE = ("pending", "retry", "no_customer")
+CLAIM = timedelta(seconds=60)
+
+
+def backoff(attempts: int) -> timedelta:
+    return timedelta(seconds=min(300, 2 ** min(attempts, 9)))
+
+
+def already_recorded(error: stripe.StripeError) -> bool:
+    """Stripe's answer to a second meter event with the same identifier."""
+    text = f"{error.code} {error.user_message or ''} {error}".lower()
+    return error.code == "resource_already_exists" or "already exists" in text
+
+
+class StripeReporter:
+    def __init__(self, database: Database, settings: Settings) -> None:
+        self.database = database
+        self.settings = settings
+        self._task: asyncio.Task | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option("stripe_report_interval_ms", int, 10_000,
+                          "How often overage is put in the outbox and sent to Stripe.")
+
+    def running(self) -> None:
+        config = self.settings.config
+        assert config is not None
+        if not config.stripe.enabled:
+            logger.info("Stripe is off (STRIPE_SECRET_KEY is not set): no subscriptions "
+                        "or metered overage; the proxy runs normally.")
+            return
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(ctx.options.stripe_report_interval_ms / 1000)
+            try:
+                await self.report_once()
+            except PyMongoError as e:
+                logger.warning(f"Overage reporting paused ({type(e).__name__})")
+            except Exception:  # a bug must not end reporting for the process's lifetime
+                logger.exception("Overage reporting round failed")
+
+    async def report_once(self) -> None:
+        await self.fill_outbox()
+        await self.send_outbox()
+
+    async def fill_outbox(self) -> None:
+        db = (await self.database.client()).billing
+        async for doc in db.usage.find({"overage_tokens": {"$gt": 0}}):
+            base = doc.get("outboxed_tokens", 0)
+            if doc["overage_tokens"] <= base:
+                continue
+            identifier = f"overage:{doc['_id']}:{base}"
+            month = doc.get("month") or str(doc["_id"]).rpartition(":")[2]
+            item = {"_id": identifier, "user_id": doc["user_id"], "month": month,
+                    "value": doc["overage_tokens"] - base, "status": "pending",
+                    "created": datetime.now(UTC), "attempts": 0}
+            try:
+                await db.stripe_outbox.insert_one(item)
+            except DuplicateKeyError:  # written before a crash: keep its value
+                item = await db.stripe_outbox.find_one({"_id": identifier}) or item
+            matches_base = base if "outboxed_tokens" in doc else {"$exists": False}
+            await db.usage.update_one({"_id": doc["_id"], "outboxed_tokens": matches_base},
+                                      {"$set": {"outboxed_tokens": base + item["value"]}})
+
+    async def send_outbox(self) -> None:
+        config = self.settings.config
+        assert config is not None
+        db = (await self.database.client()).billing
+        client = client_for(config.stripe)
+        now = datetime.now(UTC)
+        while True:
+            item = await db.stripe_outbox.find_one_and_update(
+                {"$or": [{"status": {"$in": list(SENDABLE)}, "next_attempt": {"$lte": now}},
+                         {"status": {"$in": list(SENDABLE)}, "next_attempt": None},
+                         {"status": "sending", "claimed_until": {"$lte": now}}]},
+                {"$set": {"status": "sending", "claimed_until": now + CLAIM}},
+                return_document=ReturnDocument.AFTER)
+            if item is None:
+                return
+            if not await self._send(db, client, config.stripe.meter_event_name, item):
+                return  # Stripe unreachable: stop this round, back off
+
+    async def _send(self, db, client: stripe.StripeClient, event_name: str,
+                    item: dict[str, Any]) -> bool:
+        user = await db.users.find_one({"_id": item["user_id"]}) or {}
+        customer = user.get("stripe_customer_id")
+        if not customer:
+            await self._later(db, item, "no_customer", "the user has no Stripe customer")
+            return True
+        created = item["created"]
+        created = created if created.tzinfo else created.replace(tzinfo=UTC)
+        try:
+            await client.v1.billing.meter_events.create_async(params={
+                "event_name": event_name, "identifier": item["_id"],
+                "timestamp": int(created.timestamp()),
+                "payload": {"stripe_customer_id": customer, "value": str(item["value"])}})
+        except stripe.InvalidRequestError as e:
+            if not already_recorded(e):
+                await self._later(db, item, "retry", str(e))
+                return True
+        except stripe.StripeError as e:
+            logger.warning(f"Stripe unreachable for overage ({type(e).__name__}); "
+                           f"{item['_id']} retried later")
+            await self._later(db, item, "retry", str(e))
+            return False
+        await db.stripe_outbox.update_one({"_id": item["_id"]}, {"$set": {
+            "status": "sent", "sent_at": datetime.now(UTC), "customer": customer}})
+        return True
+
+    @staticmethod
+    async def _later(db, item: dict[str, Any], status: str, error: str) -> None:
+        attempts = item.get("attempts", 0) + 1
+        await db.stripe_outbox.update_one({"_id": item["_id"]}, {"$set": {
+            "status": status, "error": error, "attempts": attempts,
+            "next_attempt": datetime.now(UTC) + backoff(attempts)}})

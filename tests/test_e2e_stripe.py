@@ -1,0 +1,240 @@
+"""Stripe through the real stripe library and a running proxy: signed webhooks, plan
+changes on the next request, metered overage from the outbox exactly once."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from stripe_double import StripeDouble, event, sign
+
+from conftest import (
+    ROOT,
+    ApiKey,
+    Proxy,
+    set_plan,
+    start_proxy,
+    stop_proxy,
+    usage_doc,
+    wait_for_events,
+    wait_for_usage,
+    write_config,
+)
+from fake_upstream import FakeUpstream
+
+SECRET = "whsec_test_" + "s" * 32
+STRIPE_ENV = {"STRIPE_SECRET_KEY": "sk_test_" + "k" * 24, "STRIPE_WEBHOOK_SECRET": SECRET}
+PROMPT = [{"role": "user", "content": "Hello!"}]
+
+
+@pytest.fixture(scope="module")
+def stripe_double() -> Iterator[StripeDouble]:
+    double = StripeDouble().start()
+    yield double
+    double.stop()
+
+
+@pytest.fixture(scope="module")
+def billing(tmp_path_factory, mongo_uri: str, upstream: FakeUpstream,
+            stripe_double: StripeDouble) -> Iterator[Proxy]:
+    tmp = tmp_path_factory.mktemp("stripe")
+    extra = f'[stripe]\napi_base = "{stripe_double.url}"\ngrace_days = 0\n'
+    config = write_config(tmp / "config.toml", upstream.url, "http://127.0.0.1:9", extra)
+    proxy = start_proxy(tmp, mongo_uri, config, "--set", "stripe_report_interval_ms=200",
+                        env=STRIPE_ENV)
+    yield proxy
+    stop_proxy(proxy)
+
+
+def post(proxy: Proxy, payload: bytes, signature: str | None = None) -> httpx.Response:
+    headers = {"content-type": "application/json",
+               "stripe-signature": signature if signature is not None
+               else sign(payload, SECRET)}
+    return httpx.post(f"{proxy.url}/webhook/stripe", content=payload, headers=headers)
+
+
+def chat(proxy: Proxy, key: ApiKey, max_tokens: int = 20):
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key.token, max_retries=0)
+    return client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=PROMPT, max_tokens=max_tokens)
+
+
+def cli(mongo_uri: str, config: str, *args: str) -> str:
+    env = {**os.environ, **STRIPE_ENV, "MONGODB_URI": mongo_uri, "LLM_BILLING_CONFIG": config}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/billing.py"), *args],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def subscription(user: str, customer: str, price: str, status: str = "active") -> dict:
+    return {"id": f"sub_{user}", "object": "subscription", "customer": customer,
+            "status": status, "metadata": {"user_id": user},
+            "items": {"object": "list", "data": [{"id": "si_1", "object": "subscription_item",
+                                                  "price": {"id": price,
+                                                            "object": "price"}}]}}
+
+
+def test_forged_and_stale_signatures_change_nothing(billing: Proxy, key: ApiKey, db):
+    set_plan(db, key.user_id, "free")
+    payload = event("customer.subscription.updated",
+                    subscription(key.user_id, "cus_x", "price_pro_llmgateway"))
+    forged = sign(payload, "whsec_wrong")
+    assert post(billing, payload, forged).status_code == 400
+    assert post(billing, payload, "").status_code == 400
+    stale = sign(payload, SECRET, int(time.time()) - 301)
+    response = post(billing, payload, stale)
+    assert response.status_code == 400 and response.json() == {"error": "invalid signature"}
+    tampered = payload.replace(b"price_pro", b"price_ent")
+    assert post(billing, tampered, sign(payload, SECRET)).status_code == 400
+    assert db.billing.users.find_one({"_id": key.user_id})["plan"] == "free"
+    assert chat(billing, key).headers["x-ratelimit-limit-tokens"] == "1000"
+
+
+def test_replayed_event_is_a_no_op(billing: Proxy, key: ApiKey, db):
+    set_plan(db, key.user_id, "free")
+    payload = event("customer.subscription.updated",
+                    subscription(key.user_id, "cus_r", "price_pro_llmgateway"))
+    assert post(billing, payload).json() == {"received": True}
+    assert db.billing.users.find_one({"_id": key.user_id})["plan"] == "pro"
+    set_plan(db, key.user_id, "starter")  # changed since, by someone else
+    again = post(billing, payload)  # Stripe delivers the same event again
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert db.billing.users.find_one({"_id": key.user_id})["plan"] == "starter"
+
+
+def test_upgrade_downgrade_and_cancel_apply_on_the_next_request(billing: Proxy, key: ApiKey,
+                                                                db):
+    set_plan(db, key.user_id, "free")
+    assert chat(billing, key).headers["x-ratelimit-limit-tokens"] == "1000"
+    customer = f"cus_{uuid.uuid4().hex[:10]}"
+    steps = [("customer.subscription.created", "price_pro_llmgateway", "100000"),
+             ("customer.subscription.updated", "price_starter_llmgateway", "10000"),
+             ("customer.subscription.deleted", "price_starter_llmgateway", "1000")]
+    for kind, price, limit in steps:
+        assert post(billing, event(kind, subscription(key.user_id, customer,
+                                                      price))).status_code == 200
+        assert chat(billing, key).headers["x-ratelimit-limit-tokens"] == limit, kind
+    assert db.billing.users.find_one({"_id": key.user_id})["plan"] == "free"
+
+
+def test_payment_failed_blocks_and_paid_unblocks(billing: Proxy, key: ApiKey, db):
+    customer = f"cus_{uuid.uuid4().hex[:10]}"
+    db.billing.users.update_one({"_id": key.user_id}, {"$set": {
+        "plan": "starter", "stripe_customer_id": customer}}, upsert=True)
+    invoice = {"id": "in_1", "object": "invoice", "customer": customer, "status": "open"}
+    assert post(billing, event("invoice.payment_failed", invoice)).status_code == 200
+    with pytest.raises(openai.RateLimitError) as err:  # grace_days = 0 in this config
+        chat(billing, key)
+    assert err.value.code == "insufficient_quota" and "payment failed" in err.value.message
+    paid = dict(invoice, status="paid")
+    assert post(billing, event("invoice.paid", paid)).status_code == 200
+    assert chat(billing, key).status_code == 200
+
+
+def test_unknown_events_are_acknowledged(billing: Proxy, db):
+    payload = event("customer.created", {"id": "cus_new", "object": "customer"})
+    assert post(billing, payload).status_code == 200
+    assert "customer.created" in billing.log and "ignored" in billing.log
+
+
+def test_stripe_down_then_up_reports_exactly_once(billing: Proxy, stripe_double: StripeDouble,
+                                                  key: ApiKey, db):
+    customer = f"cus_{uuid.uuid4().hex[:10]}"
+    db.billing.users.update_one({"_id": key.user_id}, {"$set": {
+        "plan": "starter", "stripe_customer_id": customer}}, upsert=True)
+    set_plan(db, key.user_id, "starter", tokens_used=100_000)  # every token now is overage
+    stripe_double.down = True
+    try:
+        chat(billing, key)
+        [first] = wait_for_events(db, key.user_id, 1)
+        wait_for_usage(db, key.user_id, first["tokens_billed"], "overage_tokens")
+        deadline = time.monotonic() + 15
+        while not db.billing.stripe_outbox.find_one({"user_id": key.user_id, "attempts":
+                                                     {"$gte": 1}}):
+            assert time.monotonic() < deadline, "no attempt while Stripe was down"
+            time.sleep(0.1)
+    finally:
+        stripe_double.down = False
+    db.billing.stripe_outbox.update_many({"user_id": key.user_id},
+                                         {"$set": {"next_attempt": None}})  # skip backoff
+    mine = wait_for_meter_events(stripe_double, customer, first["tokens_billed"])
+    assert [e["payload"]["value"] for e in mine] == [str(first["tokens_billed"])]
+    tries = [r for r in stripe_double.calls("/v1/billing/meter_events")
+             if r.params["payload"]["stripe_customer_id"] == customer]
+    assert len(tries) >= 2  # failed attempt(s), then the one that counted
+    assert len({r.params["identifier"] for r in tries}) == 1
+
+
+def wait_for_meter_events(double: StripeDouble, customer: str, total: int,
+                          timeout: float = 20.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        mine = [e for e in double.meter_events.values()
+                if e["payload"].get("stripe_customer_id") == customer]
+        if sum(int(e["payload"]["value"]) for e in mine) >= total \
+                or time.monotonic() > deadline:
+            return mine
+        time.sleep(0.1)
+
+
+def test_free_user_subscribes_and_overage_reaches_stripe_once(
+        billing: Proxy, stripe_double: StripeDouble, key: ApiKey, db, mongo_uri: str):
+    set_plan(db, key.user_id, "free", tokens_used=9_995)
+    with pytest.raises(openai.RateLimitError) as err:
+        chat(billing, key)
+    assert err.value.code == "insufficient_quota"
+
+    config = str(billing.config_path)
+    out = cli(mongo_uri, config, "subscribe", key.user_id, "starter")
+    assert re.search(r"https://checkout\.stripe\.com/c/pay/cs_test_\d+", out)
+    session = stripe_double.calls("/v1/checkout/sessions")[-1].params
+    assert session["mode"] == "subscription"
+    assert session["line_items"]["0"] == {"price": "price_starter_llmgateway", "quantity": "1"}
+    assert session["client_reference_id"] == key.user_id
+    assert session["metadata"] == {"user_id": key.user_id, "plan": "starter"}
+
+    customer = f"cus_{uuid.uuid4().hex[:10]}"
+    completed = {"id": "cs_test_done", "object": "checkout.session", "mode": "subscription",
+                 "client_reference_id": key.user_id, "customer": customer,
+                 "subscription": "sub_new", "metadata": {"user_id": key.user_id,
+                                                         "plan": "starter"},
+                 "payment_status": "paid", "status": "complete"}
+    assert post(billing, event("checkout.session.completed", completed)).status_code == 200
+    assert chat(billing, key).headers["x-ratelimit-limit-tokens"] == "10000"
+    user = db.billing.users.find_one({"_id": key.user_id})
+    assert (user["plan"], user["stripe_customer_id"]) == ("starter", customer)
+    assert customer in cli(mongo_uri, config, "portal", key.user_id) or \
+        "billing.stripe.com" in cli(mongo_uri, config, "portal", key.user_id)
+
+    used = usage_doc(db, key.user_id).get("tokens", 0)
+    db.billing.usage.update_one({"_id": usage_doc(db, key.user_id)["_id"]},
+                                {"$inc": {"tokens": 100_000 - 10 - used}})  # 10 left
+    chat(billing, key, max_tokens=40)
+    events = wait_for_events(db, key.user_id, 2)
+    over = 100_000 - 10 + events[-1]["tokens_billed"] - 100_000
+    assert wait_for_usage(db, key.user_id, over, "overage_tokens")["overage_tokens"] == over
+    mine = wait_for_meter_events(stripe_double, customer, over)
+    assert len(mine) == 1 and mine[0]["payload"]["value"] == str(over)
+    assert mine[0]["event_name"] == "llm_overage_tokens"
+    time.sleep(1)  # more report rounds: nothing new may arrive
+    assert len(wait_for_meter_events(stripe_double, customer, over)) == 1
+    report = cli(mongo_uri, config, "stripe-reconcile", "--csv")
+    assert f"{key.user_id},{over},{over},{over},0,ok" in report
+
+
+def test_without_stripe_keys_the_proxy_runs_and_says_so_once(proxy: Proxy, key: ApiKey):
+    assert chat(proxy, key).status_code == 200
+    assert proxy.log.count("Stripe is off") == 1
+    payload = event("invoice.paid", {"id": "in_1", "object": "invoice", "customer": "cus_1"})
+    response = httpx.post(f"{proxy.url}/webhook/stripe", content=payload,
+                          headers={"stripe-signature": sign(payload, SECRET)})
+    assert response.status_code == 400  # never forwarded upstream, never applied
