@@ -20,7 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import openai
 import pytest
+from google import genai
+from google.genai import types as genai_types
 from pymongo import MongoClient
 
 from fake_upstream import FakeUpstream
@@ -34,6 +38,20 @@ UPSTREAM_KEYS = {  # what the fake upstream must receive; never what clients sen
     "FAKE_ANTHROPIC_KEY": "sk-ant-upstream-" + "a" * 24,
     "FAKE_GOOGLE_KEY": "AIza-upstream-" + "g" * 24,
 }
+
+
+def openai_client(proxy: Proxy, token: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=token, max_retries=0)
+
+
+def anthropic_client(proxy: Proxy, token: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=proxy.url, api_key=token, max_retries=0)
+
+
+def gemini_client(proxy: Proxy, token: str) -> genai.Client:
+    """Keep a reference while using it: the SDK closes itself when collected."""
+    return genai.Client(api_key=token, http_options=genai_types.HttpOptions(
+        base_url=proxy.url, retry_options=genai_types.HttpRetryOptions(attempts=1)))
 
 
 def free_port() -> int:

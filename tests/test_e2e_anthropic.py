@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import anthropic
 import httpx
 
-from conftest import UPSTREAM_KEYS, ApiKey, Proxy, wait_for_events
+from conftest import UPSTREAM_KEYS, ApiKey, Proxy, anthropic_client, wait_for_events
 from fake_upstream import FakeUpstream
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
 MODEL = "claude-opus-4-7"
-
-
-def sdk(proxy: Proxy, key: ApiKey) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=proxy.url, api_key=key.token, max_retries=0)
-
 
 def expected_prompt(usage: dict) -> int:
     return (usage["input_tokens"] + usage["cache_read_input_tokens"]
@@ -22,7 +16,7 @@ def expected_prompt(usage: dict) -> int:
 
 
 def test_messages_stream(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db, test_id: str):
-    with sdk(proxy, key).messages.stream(
+    with anthropic_client(proxy, key.token).messages.stream(
             model=MODEL, max_tokens=9, messages=MESSAGES,
             extra_headers={"X-Test-Id": test_id}) as stream:
         text = "".join(stream.text_stream)
@@ -43,7 +37,7 @@ def test_messages_stream(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db, 
 
 def test_messages_stream_with_cache_tokens(proxy: Proxy, upstream: FakeUpstream, key: ApiKey,
                                            db, test_id: str):
-    with sdk(proxy, key).messages.stream(
+    with anthropic_client(proxy, key.token).messages.stream(
             model=MODEL, max_tokens=7, messages=[{"role": "user", "content": "cache this"}],
             extra_headers={"X-Test-Id": test_id}) as stream:
         stream.until_done()
@@ -67,7 +61,7 @@ def test_messages_stream_bytes_identical(proxy: Proxy, upstream: FakeUpstream, k
 
 def test_messages_non_streaming(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db,
                                 test_id: str):
-    message = sdk(proxy, key).messages.create(
+    message = anthropic_client(proxy, key.token).messages.create(
         model=MODEL, max_tokens=100, messages=MESSAGES, extra_headers={"X-Test-Id": test_id})
     usage = upstream.exchange(test_id).usage
     assert message.usage.input_tokens == usage["input_tokens"]

@@ -9,24 +9,14 @@ import httpx
 import openai
 import pytest
 
-from conftest import ApiKey, Proxy, wait_for_events
+from conftest import ApiKey, Proxy, anthropic_client, openai_client, wait_for_events
 from fake_upstream import FakeUpstream
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
-
-
-def openai_sdk(proxy: Proxy, token: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=token, max_retries=0)
-
-
-def anthropic_sdk(proxy: Proxy, token: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=proxy.url, api_key=token, max_retries=0)
-
-
 def assert_nothing_billed(proxy: Proxy, db, key: ApiKey) -> None:
     """Events are written in order, so once a later good request's event is stored, any
     event of the failed request would be stored too."""
-    openai_sdk(proxy, key.token).chat.completions.create(model="gpt-4o-mini",
+    openai_client(proxy, key.token).chat.completions.create(model="gpt-4o-mini",
                                                         messages=MESSAGES)
     events = wait_for_events(db, key.user_id, 1)
     assert len(events) == 1 and events[0]["status"] == 200
@@ -34,7 +24,7 @@ def assert_nothing_billed(proxy: Proxy, db, key: ApiKey) -> None:
 
 def test_unknown_key_openai(proxy: Proxy):
     with pytest.raises(openai.AuthenticationError) as err:
-        openai_sdk(proxy, "not-a-key").chat.completions.create(
+        openai_client(proxy, "not-a-key").chat.completions.create(
             model="gpt-4o-mini", messages=MESSAGES)
     assert err.value.status_code == 401
     assert err.value.code == "invalid_api_key"
@@ -50,7 +40,7 @@ def test_missing_key_anthropic(proxy: Proxy):
 
 def test_unknown_key_anthropic(proxy: Proxy):
     with pytest.raises(anthropic.AuthenticationError) as err:
-        anthropic_sdk(proxy, "sk-ant-wrong").messages.create(
+        anthropic_client(proxy, "sk-ant-wrong").messages.create(
             model="claude-opus-4-7", max_tokens=5, messages=MESSAGES)
     assert err.value.status_code == 401
     assert err.value.body["error"]["type"] == "authentication_error"
@@ -59,10 +49,10 @@ def test_unknown_key_anthropic(proxy: Proxy):
 def test_expired_key(proxy: Proxy, make_key, db, upstream: FakeUpstream):
     expired = make_key(expiry=datetime.now(UTC) - timedelta(minutes=1))
     with pytest.raises(openai.AuthenticationError):
-        openai_sdk(proxy, expired.token).chat.completions.create(
+        openai_client(proxy, expired.token).chat.completions.create(
             model="gpt-4o-mini", messages=MESSAGES)
     valid_until_later = make_key(expiry=datetime.now(UTC) + timedelta(days=1))
-    openai_sdk(proxy, valid_until_later.token).chat.completions.create(
+    openai_client(proxy, valid_until_later.token).chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES)
     assert len(wait_for_events(db, valid_until_later.user_id, 1)) == 1
     assert db.billing.events_completion.count_documents({"user_id": expired.user_id}) == 0
@@ -71,16 +61,16 @@ def test_expired_key(proxy: Proxy, make_key, db, upstream: FakeUpstream):
 def test_key_without_completion_access(proxy: Proxy, make_key):
     other = make_key(access_level="READ")
     with pytest.raises(openai.AuthenticationError):
-        openai_sdk(proxy, other.token).chat.completions.create(
+        openai_client(proxy, other.token).chat.completions.create(
             model="gpt-4o-mini", messages=MESSAGES)
 
 
 def test_unknown_model(proxy: Proxy, key: ApiKey, db):
     with pytest.raises(openai.NotFoundError) as err:
-        openai_sdk(proxy, key.token).chat.completions.create(model="gpt-9", messages=MESSAGES)
+        openai_client(proxy, key.token).chat.completions.create(model="gpt-9", messages=MESSAGES)
     assert err.value.code == "model_not_found"
     with pytest.raises(anthropic.NotFoundError) as aerr:
-        anthropic_sdk(proxy, key.token).messages.create(
+        anthropic_client(proxy, key.token).messages.create(
             model="nope", max_tokens=5, messages=MESSAGES)
     assert aerr.value.body["error"]["type"] == "not_found_error"
     assert_nothing_billed(proxy, db, key)
@@ -104,20 +94,20 @@ def test_bad_json(proxy: Proxy, key: ApiKey, db, path: str, headers_key: str):
 
 def test_upstream_down(proxy: Proxy, key: ApiKey, db):
     with pytest.raises(openai.InternalServerError) as err:
-        openai_sdk(proxy, key.token).chat.completions.create(
+        openai_client(proxy, key.token).chat.completions.create(
             model="down-model", messages=MESSAGES, stream=True)
     assert err.value.status_code == 502
     assert err.value.body["type"] == "api_error"  # the SDK parsed our JSON error
     assert "127.0.0.1" not in err.value.response.text
     with pytest.raises(anthropic.InternalServerError):
-        anthropic_sdk(proxy, key.token).messages.create(
+        anthropic_client(proxy, key.token).messages.create(
             model="down-model", max_tokens=5, messages=MESSAGES)
     assert_nothing_billed(proxy, db, key)
 
 
 def test_backend_without_credentials(proxy: Proxy, key: ApiKey):
     with pytest.raises(openai.InternalServerError) as err:
-        openai_sdk(proxy, key.token).chat.completions.create(
+        openai_client(proxy, key.token).chat.completions.create(
             model="needs-missing-env", messages=MESSAGES)
     assert err.value.status_code == 503
     assert "LLM_BILLING_TEST_UNSET_VARIABLE" not in err.value.response.text
@@ -127,7 +117,7 @@ def test_backend_without_credentials(proxy: Proxy, key: ApiKey):
 def test_upstream_error_is_passed_on_and_not_billed(proxy: Proxy, key: ApiKey, db,
                                                     status: int):
     with pytest.raises(openai.APIStatusError) as err:
-        openai_sdk(proxy, key.token).chat.completions.create(
+        openai_client(proxy, key.token).chat.completions.create(
             model="gpt-4o-mini", messages=MESSAGES, stream=True,
             extra_headers={"X-Fake-Scenario": f"status-{status}"})
     assert err.value.status_code == status
@@ -143,7 +133,7 @@ def test_unknown_path(proxy: Proxy, key: ApiKey):
 
 def test_client_cannot_spoof_user_headers(proxy: Proxy, key: ApiKey, upstream: FakeUpstream,
                                           test_id: str):
-    openai_sdk(proxy, key.token).chat.completions.create(
+    openai_client(proxy, key.token).chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES,
         extra_headers={"X-Test-Id": test_id, "X-User-ID": "someone-else",
                        "X-Plan-ID": "enterprise"})

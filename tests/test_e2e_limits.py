@@ -14,11 +14,13 @@ import pytest
 from bson import Decimal128
 from google.genai import errors as genai_errors
 from pymongo import MongoClient
-from test_e2e_providers import gemini_sdk
 
 from conftest import (
     ApiKey,
     Proxy,
+    anthropic_client,
+    gemini_client,
+    openai_client,
     set_plan,
     start_proxy,
     stop_proxy,
@@ -31,25 +33,20 @@ from fake_upstream import FakeUpstream
 
 PROMPT = [{"role": "user", "content": "Hello!"}]
 
-
-def openai_sdk(proxy: Proxy, key: ApiKey) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key.token, max_retries=0)
-
-
 def test_free_quota_exhausted_in_every_format(proxy: Proxy, key: ApiKey, db,
                                               upstream: FakeUpstream):
     set_plan(db, key.user_id, "free", tokens_used=9_990)
     with pytest.raises(openai.RateLimitError) as err:
-        openai_sdk(proxy, key).chat.completions.create(model="gpt-4o-mini", messages=PROMPT,
-                                                       max_tokens=50)
+        openai_client(proxy, key.token).chat.completions.create(
+            model="gpt-4o-mini", messages=PROMPT, max_tokens=50)
     assert err.value.code == "insufficient_quota"
     assert int(err.value.response.headers["retry-after"]) > 0
     assert err.value.response.headers["x-ratelimit-limit-tokens"] == "1000"
-    client = anthropic.Anthropic(base_url=proxy.url, api_key=key.token, max_retries=0)
+    client = anthropic_client(proxy, key.token)
     with pytest.raises(anthropic.RateLimitError) as aerr:
         client.messages.create(model="claude-opus-4-7", max_tokens=50, messages=PROMPT)
     assert aerr.value.body["error"]["type"] == "rate_limit_error"
-    google = gemini_sdk(proxy, key.token)
+    google = gemini_client(proxy, key.token)
     with pytest.raises(genai_errors.ClientError) as gerr:
         google.models.generate_content(model="gemini-2.5-flash", contents="Hi")
     assert gerr.value.code == 429 and gerr.value.status == "RESOURCE_EXHAUSTED"
@@ -61,7 +58,7 @@ def test_free_quota_exhausted_in_every_format(proxy: Proxy, key: ApiKey, db,
 def test_first_request_of_the_month_creates_the_usage_document(proxy: Proxy, key: ApiKey,
                                                               db):
     set_plan(db, key.user_id, "free")  # no usage document yet
-    openai_sdk(proxy, key).chat.completions.create(model="gpt-4o-mini", messages=PROMPT,
+    openai_client(proxy, key.token).chat.completions.create(model="gpt-4o-mini", messages=PROMPT,
                                                    max_tokens=20)
     [event] = wait_for_events(db, key.user_id, 1)
     doc = wait_for_usage(db, key.user_id, event["tokens_billed"])
@@ -72,7 +69,7 @@ def test_first_request_of_the_month_creates_the_usage_document(proxy: Proxy, key
 def test_plan_header_and_rate_limit_headers_on_success(proxy: Proxy, key: ApiKey, db,
                                                        upstream: FakeUpstream, test_id: str):
     set_plan(db, key.user_id, "starter")
-    raw = openai_sdk(proxy, key).chat.completions.with_raw_response.create(
+    raw = openai_client(proxy, key.token).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=PROMPT, max_tokens=20,
         extra_headers={"X-Test-Id": test_id})
     assert upstream.exchange(test_id).headers["x-plan-id"] == "starter"
@@ -84,7 +81,7 @@ def test_plan_header_and_rate_limit_headers_on_success(proxy: Proxy, key: ApiKey
 
 def test_tokens_per_minute_refuses_then_recovers(proxy: Proxy, key: ApiKey, db):
     set_plan(db, key.user_id, "tpm-test")  # 600 tokens per minute: 10 per second
-    client = openai_sdk(proxy, key)
+    client = openai_client(proxy, key.token)
     with pytest.raises(openai.RateLimitError) as too_big:
         client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=700)
     assert "Request too large" in too_big.value.message
@@ -102,7 +99,7 @@ def test_tokens_per_minute_refuses_then_recovers(proxy: Proxy, key: ApiKey, db):
 def test_overage_is_counted_exactly(proxy: Proxy, key: ApiKey, db, upstream: FakeUpstream,
                                     test_id: str):
     set_plan(db, key.user_id, "starter", tokens_used=99_990)
-    client = openai_sdk(proxy, key)
+    client = openai_client(proxy, key.token)
     client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=30,
                                    extra_headers={"X-Test-Id": test_id})
     first = upstream.exchange(test_id).usage["total_tokens"]
@@ -120,7 +117,7 @@ def test_overage_is_counted_exactly(proxy: Proxy, key: ApiKey, db, upstream: Fak
 
 def test_enterprise_is_never_limited(proxy: Proxy, key: ApiKey, db):
     set_plan(db, key.user_id, "enterprise", tokens_used=10**12)
-    raw = openai_sdk(proxy, key).chat.completions.with_raw_response.create(
+    raw = openai_client(proxy, key.token).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=PROMPT, max_tokens=100_000)
     assert "x-ratelimit-limit-tokens" not in raw.headers
     assert len(wait_for_events(db, key.user_id, 1)) == 1
@@ -203,7 +200,7 @@ def test_quota_survives_a_restart(tmp_path, mongo_uri: str, upstream: FakeUpstre
     set_plan(db, key.user_id, "quota-test", tokens_used=4_700)
     proxy = start_proxy(tmp_path, mongo_uri, config)
     try:
-        client = openai_sdk(proxy, key)
+        client = openai_client(proxy, key.token)
         used = 0
         with pytest.raises(openai.RateLimitError):
             for _ in range(10):
@@ -220,7 +217,7 @@ def test_quota_survives_a_restart(tmp_path, mongo_uri: str, upstream: FakeUpstre
     proxy = start_proxy(tmp_path, mongo_uri, config)
     try:
         with pytest.raises(openai.RateLimitError):
-            openai_sdk(proxy, key).chat.completions.create(
+            openai_client(proxy, key.token).chat.completions.create(
                 model="gpt-4o-mini", messages=PROMPT, max_tokens=60)
     finally:
         stop_proxy(proxy)

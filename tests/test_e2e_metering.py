@@ -5,13 +5,21 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-import anthropic
 import httpx
 import openai
 import pytest
 from bson import Decimal128
 
-from conftest import ApiKey, Proxy, start_proxy, stop_proxy, wait_for_events, write_config
+from conftest import (
+    ApiKey,
+    Proxy,
+    anthropic_client,
+    openai_client,
+    start_proxy,
+    stop_proxy,
+    wait_for_events,
+    write_config,
+)
 from fake_upstream import FakeUpstream, openai_completions_stream
 
 ROUTES = """
@@ -63,14 +71,9 @@ def metered(tmp_path_factory, mongo_uri: str, upstream: FakeUpstream):
     yield proxy
     stop_proxy(proxy)
 
-
-def openai_sdk(proxy: Proxy, key: ApiKey) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key.token, max_retries=0)
-
-
 def test_seed_000_chat_expression(metered: Proxy, upstream: FakeUpstream, key: ApiKey, db,
                                   test_id: str):
-    list(openai_sdk(metered, key).chat.completions.create(
+    list(openai_client(metered, key.token).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], stream=True,
         extra_headers={"X-Test-Id": test_id}))
     usage = upstream.exchange(test_id).usage
@@ -88,7 +91,7 @@ def test_seed_000_chat_expression(metered: Proxy, upstream: FakeUpstream, key: A
 
 def test_seed_000_anthropic_expression(metered: Proxy, upstream: FakeUpstream, key: ApiKey,
                                        db, test_id: str):
-    client = anthropic.Anthropic(base_url=metered.url, api_key=key.token, max_retries=0)
+    client = anthropic_client(metered, key.token)
     with client.messages.stream(model="claude-opus-4-7", max_tokens=7, messages=[
             {"role": "user", "content": "Hi"}], extra_headers={"X-Test-Id": test_id}) as s:
         s.until_done()
@@ -99,7 +102,7 @@ def test_seed_000_anthropic_expression(metered: Proxy, upstream: FakeUpstream, k
 
 
 def test_count_lines_expression(metered: Proxy, key: ApiKey, db, test_id: str):
-    list(openai_sdk(metered, key).completions.create(
+    list(openai_client(metered, key.token).completions.create(
         model="gpt-3.5-turbo-instruct", prompt="Say hi", stream=True, max_tokens=4,
         extra_headers={"X-Test-Id": test_id}))
     body = {"model": "gpt-3.5-turbo-instruct", "prompt": "Say hi", "max_tokens": 4,
@@ -112,7 +115,7 @@ def test_count_lines_expression(metered: Proxy, key: ApiKey, db, test_id: str):
 
 def test_ternary_on_non_streamed_body(metered: Proxy, upstream: FakeUpstream, key: ApiKey,
                                       db, test_id: str):
-    openai_sdk(metered, key).embeddings.create(model="text-embedding-3-small", input="hi",
+    openai_client(metered, key.token).embeddings.create(model="text-embedding-3-small", input="hi",
                                                extra_headers={"X-Test-Id": test_id})
     [event] = wait_for_events(db, key.user_id, 1)
     assert event["metering"]["value"] == upstream.exchange(test_id).usage["prompt_tokens"] * 2
@@ -133,10 +136,10 @@ def test_bytes_expression_needs_no_body(metered: Proxy, key: ApiKey, db, test_id
 
 def test_upstream_failure_is_recorded_not_billed(metered: Proxy, key: ApiKey, db):
     with pytest.raises(openai.InternalServerError):
-        openai_sdk(metered, key).chat.completions.create(
+        openai_client(metered, key.token).chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
             extra_headers={"X-Fake-Scenario": "status-503"})
-    list(openai_sdk(metered, key).chat.completions.create(
+    list(openai_client(metered, key.token).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], stream=True))
     assert len(wait_for_events(db, key.user_id, 1)) == 1
     [failure] = db.billing.events_failed.find({"user_id": key.user_id})

@@ -5,20 +5,14 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 from bson import ObjectId
 
-from conftest import UPSTREAM_KEYS, ApiKey, Proxy, wait_for_events
+from conftest import UPSTREAM_KEYS, ApiKey, Proxy, openai_client, wait_for_events
 from fake_upstream import FakeUpstream, openai_chat_stream
 
 MESSAGES = [{"role": "system", "content": "You are an assistant."},
             {"role": "user", "content": "Write a limerick about python exceptions"}]
-
-
-def sdk(proxy: Proxy, key: ApiKey) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key.token, max_retries=0)
-
 
 def assert_event_matches(event: dict, key: ApiKey, model: str, usage: dict) -> None:
     assert isinstance(event["_id"], ObjectId)
@@ -33,7 +27,7 @@ def assert_event_matches(event: dict, key: ApiKey, model: str, usage: dict) -> N
 
 def test_chat_stream_without_usage_is_billed_and_client_sees_no_usage(
         proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db, test_id: str):
-    stream = sdk(proxy, key).chat.completions.create(
+    stream = openai_client(proxy, key.token).chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES, stream=True,
         extra_headers={"X-Test-Id": test_id})
     chunks = list(stream)
@@ -56,7 +50,7 @@ def test_chat_stream_without_usage_is_billed_and_client_sees_no_usage(
 
 def test_chat_stream_with_client_usage_passes_usage_chunk(
         proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db, test_id: str):
-    chunks = list(sdk(proxy, key).chat.completions.create(
+    chunks = list(openai_client(proxy, key.token).chat.completions.create(
         model="o3-mini", messages=[*MESSAGES, {"role": "user", "content": "cache me"}],
         stream=True, stream_options={"include_usage": True},
         extra_headers={"X-Test-Id": test_id}))
@@ -90,7 +84,7 @@ def test_stream_bytes_are_identical(proxy: Proxy, upstream: FakeUpstream, key: A
 
 def test_first_chunk_arrives_before_upstream_finishes(
         proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db, test_id: str):
-    stream = sdk(proxy, key).chat.completions.create(
+    stream = openai_client(proxy, key.token).chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES, stream=True,
         extra_headers={"X-Test-Id": test_id, "X-Fake-Scenario": "gated"})
     first = next(iter(stream))
@@ -106,7 +100,7 @@ def test_first_chunk_arrives_before_upstream_finishes(
 
 def test_chat_non_streaming(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db,
                             test_id: str):
-    completion = sdk(proxy, key).chat.completions.create(
+    completion = openai_client(proxy, key.token).chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES, extra_headers={"X-Test-Id": test_id})
     exchange = upstream.exchange(test_id)
     assert "stream_options" not in json.loads(exchange.body)  # vLLM would reject it
@@ -118,7 +112,7 @@ def test_chat_non_streaming(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, d
 
 def test_legacy_completions_stream(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db,
                                    test_id: str):
-    chunks = list(sdk(proxy, key).completions.create(
+    chunks = list(openai_client(proxy, key.token).completions.create(
         model="gpt-3.5-turbo-instruct", prompt="Say hello", stream=True, max_tokens=5,
         extra_headers={"X-Test-Id": test_id}))
     assert "".join(c.choices[0].text for c in chunks) == "Hello! How can I"
@@ -129,7 +123,7 @@ def test_legacy_completions_stream(proxy: Proxy, upstream: FakeUpstream, key: Ap
 
 
 def test_embeddings(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db, test_id: str):
-    result = sdk(proxy, key).embeddings.create(
+    result = openai_client(proxy, key.token).embeddings.create(
         model="text-embedding-3-small", input=["one", "two"],
         extra_headers={"X-Test-Id": test_id})
     assert len(result.data) == 2
@@ -142,7 +136,7 @@ def test_query_parameter_upstream_auth(proxy: Proxy, upstream: FakeUpstream, key
                                        test_id: str):
     """Seed 000's Google-style auth: the key travels as ?key= (test_lifecycle checks that
     saved flows do not keep it)."""
-    sdk(proxy, key).chat.completions.create(
+    openai_client(proxy, key.token).chat.completions.create(
         model="gemini-2.5-flash", messages=MESSAGES, extra_headers={"X-Test-Id": test_id})
     exchange = upstream.exchange(test_id)
     assert exchange.path == \

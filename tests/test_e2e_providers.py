@@ -8,14 +8,12 @@ from decimal import Decimal
 
 import anthropic
 import httpx
-import openai
 import pytest
 from bson import Decimal128
-from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
-from conftest import ApiKey, Proxy, wait_for_events
+from conftest import ApiKey, Proxy, anthropic_client, gemini_client, openai_client, wait_for_events
 from fake_upstream import (
     FakeUpstream,
     gemini_usage,
@@ -24,17 +22,6 @@ from fake_upstream import (
 )
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
-
-
-def openai_sdk(proxy: Proxy, key: ApiKey) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key.token, max_retries=0)
-
-
-def gemini_sdk(proxy: Proxy, token: str) -> genai.Client:
-    return genai.Client(api_key=token, http_options=genai_types.HttpOptions(
-        base_url=proxy.url, retry_options=genai_types.HttpRetryOptions(attempts=1)))
-
-
 def classes(event: dict) -> dict:
     return {k: v for k, v in event["usage"].items()}
 
@@ -44,7 +31,7 @@ def classes(event: dict) -> dict:
 @pytest.mark.parametrize("stream", [True, False])
 def test_responses_api(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db, test_id: str,
                        stream: bool):
-    client = openai_sdk(proxy, key)
+    client = openai_client(proxy, key.token)
     kwargs = dict(model="o4-mini", input="please cache this", extra_headers={
         "X-Test-Id": test_id})
     if stream:
@@ -81,7 +68,7 @@ def test_responses_api(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db, te
 
 def test_gemini_generate_content(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db,
                                  test_id: str):
-    client = gemini_sdk(proxy, key.token)
+    client = gemini_client(proxy, key.token)
     response = client.models.generate_content(
         model="gemini-2.5-flash", contents="Hello, use the cache",
         config=genai_types.GenerateContentConfig(http_options=genai_types.HttpOptions(
@@ -103,7 +90,7 @@ def test_gemini_generate_content(proxy: Proxy, upstream: FakeUpstream, key: ApiK
 
 def test_gemini_stream_takes_the_last_usage(proxy: Proxy, upstream: FakeUpstream,
                                             key: ApiKey, db, test_id: str):
-    client = gemini_sdk(proxy, key.token)
+    client = gemini_client(proxy, key.token)
     chunks = list(client.models.generate_content_stream(
         model="gemini-2.5-pro", contents="Hello",
         config=genai_types.GenerateContentConfig(http_options=genai_types.HttpOptions(
@@ -130,11 +117,11 @@ def test_gemini_stream_as_json_array(proxy: Proxy, upstream: FakeUpstream, key: 
 
 
 def test_gemini_errors_in_googles_format(proxy: Proxy, key: ApiKey):
-    stranger = gemini_sdk(proxy, "wrong-key")  # held: the SDK closes itself when collected
+    stranger = gemini_client(proxy, "wrong-key")  # held: the SDK closes itself when collected
     with pytest.raises(genai_errors.ClientError) as err:
         stranger.models.generate_content(model="gemini-2.5-flash", contents="x")
     assert err.value.code == 401 and err.value.status == "UNAUTHENTICATED"
-    client = gemini_sdk(proxy, key.token)
+    client = gemini_client(proxy, key.token)
     with pytest.raises(genai_errors.ClientError) as err:
         client.models.generate_content(model="gemma-9", contents="x")
     assert err.value.code == 404 and err.value.status == "NOT_FOUND"
@@ -161,7 +148,7 @@ def test_vllm_stream_injected_usage_is_hidden(proxy: Proxy, upstream: FakeUpstre
 
 
 def test_vllm_non_streaming_gets_no_stream_options(proxy: Proxy, key: ApiKey, db):
-    completion = openai_sdk(proxy, key).chat.completions.create(
+    completion = openai_client(proxy, key.token).chat.completions.create(
         model="vllm-llama31-70b", messages=MESSAGES)  # vLLM answers 400 to stream_options
     assert completion.usage.completion_tokens > 0
     assert len(wait_for_events(db, key.user_id, 1)) == 1
@@ -171,7 +158,7 @@ def test_vllm_non_streaming_gets_no_stream_options(proxy: Proxy, key: ApiKey, db
 def test_llamacpp_usage_and_timings(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db,
                                     test_id: str, client_asks_usage: bool):
     extra = {"stream_options": {"include_usage": True}} if client_asks_usage else {}
-    chunks = list(openai_sdk(proxy, key).chat.completions.create(
+    chunks = list(openai_client(proxy, key.token).chat.completions.create(
         model="llamacpp-qwen3-8b", messages=MESSAGES, stream=True,
         extra_headers={"X-Test-Id": test_id}, **extra))
     assert (chunks[-1].usage is not None) == client_asks_usage
@@ -187,7 +174,7 @@ def test_llamacpp_usage_and_timings(proxy: Proxy, upstream: FakeUpstream, key: A
 
 def test_anthropic_error_event_mid_stream(proxy: Proxy, upstream: FakeUpstream, key: ApiKey,
                                           db, test_id: str):
-    client = anthropic.Anthropic(base_url=proxy.url, api_key=key.token, max_retries=0)
+    client = anthropic_client(proxy, key.token)
     with pytest.raises(anthropic.APIStatusError), client.messages.stream(
             model="claude-opus-4-7", max_tokens=9, messages=MESSAGES,
             extra_headers={"X-Test-Id": test_id,

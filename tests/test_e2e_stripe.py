@@ -20,6 +20,7 @@ from conftest import (
     ROOT,
     ApiKey,
     Proxy,
+    openai_client,
     set_plan,
     start_proxy,
     stop_proxy,
@@ -62,8 +63,7 @@ def post(proxy: Proxy, payload: bytes, signature: str | None = None) -> httpx.Re
 
 
 def chat(proxy: Proxy, key: ApiKey, max_tokens: int = 20):
-    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key.token, max_retries=0)
-    return client.chat.completions.with_raw_response.create(
+    return openai_client(proxy, key.token).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=PROMPT, max_tokens=max_tokens)
 
 

@@ -24,6 +24,7 @@ from conftest import (
     Proxy,
     free_port,
     insert_key,
+    openai_client,
     start_proxy,
     stop_proxy,
     wait_for_events,
@@ -44,8 +45,8 @@ def own_proxy(tmp_path, mongo_uri: str, upstream: FakeUpstream):
 
 
 def chat(proxy: Proxy, token: str, model: str, **kwargs):
-    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=token, max_retries=0)
-    return client.chat.completions.create(model=model, messages=MESSAGES, **kwargs)
+    return openai_client(proxy, token).chat.completions.create(model=model, messages=MESSAGES,
+                                                                **kwargs)
 
 
 def test_sighup_reloads_backends_and_keeps_config_on_error(own_proxy: Proxy, key: ApiKey):
