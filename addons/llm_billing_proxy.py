@@ -2,7 +2,7 @@
 
     mitmdump -s addons/llm_billing_proxy.py       # or mitmweb -s ..., to watch flows
 
-Addons run in this order on each request; see README.md ("Architecture").
+Addons run in this order on each request; README.md ("How it works") walks through it.
 """
 
 from llm_billing import proxy_errors

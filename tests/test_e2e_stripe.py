@@ -212,8 +212,10 @@ def test_free_user_subscribes_and_overage_reaches_stripe_once(
     assert chat(billing, key).headers["x-ratelimit-limit-tokens"] == "10000"
     user = db.billing.users.find_one({"_id": key.user_id})
     assert (user["plan"], user["stripe_customer_id"]) == ("starter", customer)
-    assert customer in cli(mongo_uri, config, "portal", key.user_id) or \
-        "billing.stripe.com" in cli(mongo_uri, config, "portal", key.user_id)
+    assert "https://billing.stripe.com/p/session/" in cli(mongo_uri, config, "portal",
+                                                          key.user_id)
+    portal = stripe_double.calls("/v1/billing_portal/sessions")[-1].params
+    assert portal["customer"] == customer and portal["return_url"].endswith("/portal")
 
     used = usage_doc(db, key.user_id).get("tokens", 0)
     db.billing.usage.update_one({"_id": usage_doc(db, key.user_id)["_id"]},

@@ -108,7 +108,7 @@ class StreamMeter:
         self.hidden = bytearray()  # what we kept from the client (the usage-only chunk)
         self.last_chunk = b""
         self.body_overflow = False
-        self._sse = sse
+        self.sse = sse
         try:
             self._decode = decoder_for(content_encoding)
             self._decodable = True
@@ -149,7 +149,7 @@ class StreamMeter:
             self.last_chunk = data
         if self._keep_body:
             self._keep(data)
-        if not self._sse:
+        if not self.sse:
             return chunk
         blocks = self._parser.feed(data) if data else []
         if not chunk:
@@ -198,7 +198,7 @@ class StreamMeter:
         """The response is over (or cut off): parse what a non-streamed body left."""
         if self._broken or not self._decodable:
             return
-        if self._sse:
+        if self.sse:
             for block in self._parser.finish():
                 if block.event:
                     self.tracker.observe_event(block.event)
@@ -282,7 +282,7 @@ def _evaluate(flow: http.HTTPFlow, ctx: context.RequestContext, meter: StreamMet
     env = {
         "allData": body.decode("utf-8", "replace"),
         "lastChunk": meter.last_chunk.decode("utf-8", "replace"),
-        "respBody": None if _is_sse(flow) else parse_json(body),
+        "respBody": None if meter.sse else parse_json(body),
         "status": status, "responseBytes": meter.response_bytes,
         "requestBytes": ctx.request_bytes, "path": ctx.path, "method": flow.request.method,
         "userID": ctx.caller.user_id, "planID": ctx.plan_id, "keyID": str(ctx.caller.key_id),
@@ -291,11 +291,6 @@ def _evaluate(flow: http.HTTPFlow, ctx: context.RequestContext, meter: StreamMet
         return billable(expression.evaluate(env)), None
     except EvaluationError as e:
         return None, str(e)
-
-
-def _is_sse(flow: http.HTTPFlow) -> bool:
-    return bool(flow.response) and flow.response.headers.get(
-        "content-type", "").startswith("text/event-stream")
 
 
 def _summary(ctx: context.RequestContext) -> dict[str, Any]:
