@@ -1,29 +1,29 @@
-"""EventLog addon: one completion event per billed request, written off the hot path.
+"""EventLog addon: one event per billed (or failed) request, written off the hot path.
 
-Events go into an in-memory queue; one background task writes them in batches with
+Each event is first appended to the local journal (journal.py: survives any crash of the
+proxy), then queued; one background task writes the queue in batches with
 ``insert_many(ordered=False)``, retrying with backoff while the database is unavailable.
-Every event's ``_id`` was fixed when its request started, so a retried batch can never
-bill twice: a duplicate-key error means that event is already stored. Events still
-unwritten at shutdown are spilled to a file and written at the next start.
+Every event's ``_id`` was fixed when its request started, so a retried batch — or a
+journal replayed after a crash — can never bill twice: a duplicate-key error means that
+event is already stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from bson import json_util
 from mitmproxy import ctx, http
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from . import context
 from .database import Database
 from .events import completion_event, failure_event
+from .journal import Journal, Segment, append_lines
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 DUPLICATE_KEY = 11000
 COMPLETIONS = "events_completion"
 FAILED = "events_failed"
-SPILL_FILE = "unsent-events.jsonl"
 DEAD_LETTER_FILE = "rejected-events.jsonl"
+
+Queued = tuple[str, dict[str, Any], Segment | None]  # collection, document, journal segment
 
 
 def split_bulk_error(batch: list[dict], error: BulkWriteError) -> tuple[list[dict], list[dict]]:
@@ -47,28 +48,15 @@ def split_bulk_error(batch: list[dict], error: BulkWriteError) -> tuple[list[dic
     return retry, rejected
 
 
-def _append_jsonl(path: Path, events: list[tuple[str, dict]]) -> None:
-    """(collection, document) pairs as canonical extended JSON, one per line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        for collection, doc in events:
-            line = {"collection": collection, "doc": doc}
-            try:
-                text = json_util.dumps(line, json_options=json_util.CANONICAL_JSON_OPTIONS)
-            except (TypeError, ValueError):  # keep what can be kept, readable
-                text = json.dumps(line, default=repr)
-            f.write(text + "\n")
-
-
 class EventLog:
     def __init__(self, database: Database, settings: Settings | None = None) -> None:
         self.database = database
         self.settings = settings
-        # (collection, document): completions and upstream failures share one writer
-        self.queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self.queue: asyncio.Queue[Queued] = asyncio.Queue()
         self.written = 0
+        self.journal: Journal | None = None
         self._writer: asyncio.Task | None = None
-        self._in_flight: list[tuple[str, dict[str, Any]]] = []
+        self._in_flight: list[Queued] = []
 
     def load(self, loader) -> None:
         loader.add_option("event_batch_size", int, 500, "Most events written in one batch.")
@@ -77,11 +65,12 @@ class EventLog:
         )
         loader.add_option(
             "event_shutdown_timeout", int, 10,
-            "Seconds to keep writing at shutdown before spilling events to a file.",
+            "Seconds to keep writing at shutdown; what is left stays in the journal.",
         )
 
     def running(self) -> None:
         if self._writer is None:
+            self.journal = Journal(self._data_dir() / "journal")
             self._writer = asyncio.create_task(self._run())
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -98,14 +87,18 @@ class EventLog:
         if rc.outcome.usage is None:
             logger.info(f"Not billed: {rc.model} for user {rc.caller.user_id}: "
                         f"status {rc.outcome.status}, {rc.outcome.error or 'no usage'}")
-            self.queue.put_nowait((FAILED, failure_event(rc, rc.outcome)))
+            self.submit(FAILED, failure_event(rc, rc.outcome))
             return
         assert self.settings is not None and self.settings.config is not None
         prices = self.settings.config.prices
-        self.queue.put_nowait((COMPLETIONS, completion_event(rc, rc.outcome, prices)))
+        self.submit(COMPLETIONS, completion_event(rc, rc.outcome, prices))
+
+    def submit(self, collection: str, doc: dict[str, Any]) -> None:
+        segment = self.journal.append(collection, doc) if self.journal else None
+        self.queue.put_nowait((collection, doc, segment))
 
     async def _run(self) -> None:
-        await self._replay_spill()
+        await self._replay_journals()
         while True:
             # Visible to done() from the moment it leaves the queue.
             batch = self._in_flight = [await self.queue.get()]
@@ -119,13 +112,17 @@ class EventLog:
                 except TimeoutError:
                     break
             for collection in (COMPLETIONS, FAILED):
-                docs = [doc for name, doc in batch if name == collection]
+                docs = [doc for name, doc, _ in batch if name == collection]
                 if docs:
                     await self.write(docs, collection)
+            if self.journal is not None:
+                for _, _, segment in batch:
+                    self.journal.stored(segment)
             self._in_flight = []
 
     async def write(self, batch: list[dict[str, Any]], collection: str = COMPLETIONS) -> None:
-        """Store ``batch`` in ``billing.<collection>``, retrying until the database takes it."""
+        """Store ``batch`` in ``billing.<collection>``, retrying until the database takes it
+        (documents it refuses for good go to the dead-letter file)."""
         delay = 0.1
         pending = batch
         while pending:
@@ -138,42 +135,41 @@ class EventLog:
                 retry, rejected = split_bulk_error(pending, e)
                 self.written += e.details.get("nInserted", 0)
                 if rejected:
-                    logger.error(f"{len(rejected)} events rejected by the database; kept in "
-                                 f"{DEAD_LETTER_FILE}")
-                    _append_jsonl(self._data_dir() / DEAD_LETTER_FILE,
-                                  [(collection, doc) for doc in rejected])
+                    self._dead_letter(collection, rejected)
                 pending = retry
             except PyMongoError as e:
                 logger.warning(f"Event write failed ({type(e).__name__}); retrying in {delay:.1f}s"
                                f" ({len(pending)} events waiting + {self.queue.qsize()} queued)")
-            except Exception:  # e.g. a value BSON cannot encode: keep it, go on writing
-                logger.exception(f"{len(pending)} events could not be written; kept in "
-                                 f"{DEAD_LETTER_FILE}")
-                _append_jsonl(self._data_dir() / DEAD_LETTER_FILE,
-                              [(collection, doc) for doc in pending])
+            except Exception:  # e.g. a value BSON cannot encode: set aside, go on writing
+                logger.exception(f"{len(pending)} events could not be written")
+                self._dead_letter(collection, pending)
                 return
             if pending:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    def _dead_letter(self, collection: str, docs: list[dict[str, Any]]) -> None:
+        logger.error(f"{len(docs)} events refused by the database; kept in {DEAD_LETTER_FILE}")
+        append_lines(self._data_dir() / DEAD_LETTER_FILE, [(collection, d) for d in docs])
+
     @staticmethod
     def _data_dir() -> Path:  # a method: mitmproxy inspects addon attributes at load
         return Path(ctx.options.billing_data_dir)
 
-    async def _replay_spill(self) -> None:
-        path = self._data_dir() / SPILL_FILE
-        if not path.exists():
-            return
-        lines = [json_util.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        logger.info(f"Writing {len(lines)} events spilled at the last shutdown")
-        for collection in (COMPLETIONS, FAILED):
-            docs = [line["doc"] for line in lines if line["collection"] == collection]
-            for start in range(0, len(docs), 500):
-                await self.write(docs[start : start + 500], collection)
-        path.unlink()
+    async def _replay_journals(self) -> None:
+        """Events journaled by a proxy process that ended before storing them."""
+        assert self.journal is not None
+        for path in list(self.journal.orphans()):
+            events = self.journal.read(path)
+            logger.info(f"Writing {len(events)} journaled events from {path.name}")
+            for collection in (COMPLETIONS, FAILED):
+                docs = [doc for name, doc in events if name == collection]
+                for start in range(0, len(docs), 500):
+                    await self.write(docs[start : start + 500], collection)
+            path.unlink()
 
     async def done(self) -> None:
-        """Drain the queue; what the database does not take in time goes to the spill file."""
+        """Drain the queue for a while; what is left stays in the journal for next time."""
         if self._writer is None:
             return
         deadline = time.monotonic() + ctx.options.event_shutdown_timeout
@@ -182,8 +178,9 @@ class EventLog:
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
-        unsent = self._in_flight + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        unsent = len(self._in_flight) + self.queue.qsize()
+        if self.journal is not None:
+            self.journal.close()
         if unsent:
-            _append_jsonl(self._data_dir() / SPILL_FILE, unsent)
-            logger.warning(f"{len(unsent)} events not yet stored; saved to {SPILL_FILE}, "
-                           "written at next start")
+            logger.warning(f"{unsent} events not yet stored; they are in the journal and "
+                           "are written at the next start")
