@@ -114,3 +114,41 @@ def test_an_unencodable_event_is_set_aside_and_writing_goes_on(mongo_uri: str, d
     asyncio.run(go())
     assert db.billing.events_completion.count_documents({"user_id": user}) == 1
     assert user in (tmp_path / DEAD_LETTER_FILE).read_text()
+
+
+def test_journal_replay_prefers_real_events_over_provisional_ones(mongo_uri: str, db,
+                                                                  tmp_path):
+    import subprocess
+    import sys
+
+    from mitmproxy.test import taddons
+
+    from llm_billing.database import Database
+    from llm_billing.eventlog import COMPLETIONS, INTENT
+    from llm_billing.journal import Journal, encode
+
+    user = f"user-{uuid.uuid4().hex}"
+    finished, unfinished = event(user), event(user)
+    provisional = {**finished, "prompt_n": 1, "completion_n": 0, "usage_estimated": True}
+    cut_off = {**unfinished, "prompt_n": 2, "completion_n": 0, "usage_estimated": True}
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    (journal_dir / f"events-{gone}-0123456789ab-000001.jsonl").write_text("".join(
+        encode(c, d) + "\n" for c, d in [(INTENT, provisional), (INTENT, cut_off),
+                                         (COMPLETIONS, finished)]))
+
+    async def go():
+        log = EventLog(FixedDatabase(mongo_uri))
+        options_owner = Database()
+        with taddons.context(log, options_owner) as tctx:
+            tctx.configure(options_owner, billing_data_dir=str(tmp_path))
+            log.journal = Journal(journal_dir)
+            await log._replay_journals()
+
+    asyncio.run(go())
+    stored = {d["_id"]: d for d in db.billing.events_completion.find({"user_id": user})}
+    assert stored[finished["_id"]]["completion_n"] == finished["completion_n"]  # the real one
+    assert stored[unfinished["_id"]]["usage_estimated"] is True  # only its estimate survived
+    assert len(stored) == 2 and not list(journal_dir.iterdir())

@@ -34,7 +34,7 @@ def test_orphans_are_segments_of_gone_processes_and_read_back(tmp_path):
     previous.close()  # not stored: the file stays
     [left] = tmp_path.glob("events-*.jsonl")
     dead = tmp_path / f"events-{gone}-deadbeef0000-000001.jsonl"
-    dead.write_text(left.read_text() + '{"collection": "ev')  # a line cut short by a crash
+    dead.write_text(left.read_text() + 'eyJjIjoi')  # a line cut short by a crash
     alive = tmp_path / f"events-{os.getppid()}-0123456789ab-000001.jsonl"
     alive.write_text("")
     current = Journal(tmp_path)

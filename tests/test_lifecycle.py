@@ -32,6 +32,7 @@ from conftest import (
 )
 from fake_upstream import FakeUpstream
 from llm_billing.embedded_db import start_embedded_db
+from llm_billing.journal import Journal
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
 
@@ -161,8 +162,8 @@ def test_events_survive_a_database_outage_and_a_crash(tmp_path: Path, upstream: 
         proxy.process.wait(10)
     else:
         stop_proxy(proxy)
-    lines = [line for path in journal.glob("*.jsonl") for line in path.read_text().splitlines()]
-    assert len(lines) >= 2 and sum(key.user_id in line for line in lines) >= 2
+    journaled = [doc for path in journal.glob("*.jsonl") for _, doc in Journal.read(path)]
+    assert sum(doc["user_id"] == key.user_id for doc in journaled) >= 2
     uri, db_process = start_embedded_db(db_dir, port)
     proxy = start_proxy(tmp_path, uri, config, *args)
     try:

@@ -56,6 +56,7 @@ class RequestContext:
     outcome: Outcome | None = None  # set once, in response or error
     sending: bool = False  # request hook done, response headers not yet in
     logged: bool = False  # its event went to the event log
+    intent: Any = None  # the journal segment holding its provisional event
 
     @property
     def protocol(self) -> Protocol:

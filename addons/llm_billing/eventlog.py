@@ -1,7 +1,9 @@
 """EventLog addon: one event per billed (or failed) request, written off the hot path.
 
-Each event is first appended to the local journal (journal.py: survives any crash of the
-proxy), then queued; one background task writes the queue in batches with
+When a request goes upstream, a provisional event (its prompt, estimated) is appended to
+the local journal (journal.py: survives any crash of the proxy); when it finishes, its
+real event is appended and queued, and only that one is stored — the provisional one counts only
+if the proxy died in between. One background task writes the queue in batches with
 ``insert_many(ordered=False)``, retrying with backoff while the database is unavailable.
 Every event's ``_id`` was fixed when its request started, so a retried batch — or a
 journal replayed after a crash — can never bill twice: a duplicate-key error means that
@@ -22,7 +24,7 @@ from pymongo.errors import BulkWriteError, PyMongoError
 
 from . import context
 from .database import Database
-from .events import completion_event, failure_event
+from .events import completion_event, failure_event, intent_event
 from .journal import Journal, Segment, append_lines
 from .settings import Settings
 
@@ -31,9 +33,11 @@ logger = logging.getLogger(__name__)
 DUPLICATE_KEY = 11000
 COMPLETIONS = "events_completion"
 FAILED = "events_failed"
+INTENT = "intent"  # journal only: a request's provisional event
 DEAD_LETTER_FILE = "rejected-events.jsonl"
 
-Queued = tuple[str, dict[str, Any], Segment | None]  # collection, document, journal segment
+# collection, document, the journal segments holding it (and its provisional event)
+Queued = tuple[str, dict[str, Any], tuple[Segment | None, ...]]
 
 
 def split_bulk_error(batch: list[dict], error: BulkWriteError) -> tuple[list[dict], list[dict]]:
@@ -73,6 +77,14 @@ class EventLog:
             self.journal = Journal(self._data_dir() / "journal")
             self._writer = asyncio.create_task(self._run())
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        rc = context.of(flow)
+        if (rc is None or flow.response or rc.backend is None or rc.replayed
+                or self.journal is None):
+            return
+        assert self.settings is not None and self.settings.config is not None
+        rc.intent = self.journal.append(INTENT, intent_event(rc, self.settings.config.prices))
+
     def response(self, flow: http.HTTPFlow) -> None:
         self._log(flow)
 
@@ -87,15 +99,15 @@ class EventLog:
         if rc.outcome.usage is None:
             logger.info(f"Not billed: {rc.model} for user {rc.caller.user_id}: "
                         f"status {rc.outcome.status}, {rc.outcome.error or 'no usage'}")
-            self.submit(FAILED, failure_event(rc, rc.outcome))
+            self.submit(FAILED, failure_event(rc, rc.outcome), rc.intent)
             return
         assert self.settings is not None and self.settings.config is not None
         prices = self.settings.config.prices
-        self.submit(COMPLETIONS, completion_event(rc, rc.outcome, prices))
+        self.submit(COMPLETIONS, completion_event(rc, rc.outcome, prices), rc.intent)
 
-    def submit(self, collection: str, doc: dict[str, Any]) -> None:
+    def submit(self, collection: str, doc: dict[str, Any], intent: Segment | None = None) -> None:
         segment = self.journal.append(collection, doc) if self.journal else None
-        self.queue.put_nowait((collection, doc, segment))
+        self.queue.put_nowait((collection, doc, (segment, intent)))
 
     async def _run(self) -> None:
         await self._replay_journals()
@@ -116,8 +128,9 @@ class EventLog:
                 if docs:
                     await self.write(docs, collection)
             if self.journal is not None:
-                for _, _, segment in batch:
-                    self.journal.stored(segment)
+                for _, _, segments in batch:
+                    for segment in segments:
+                        self.journal.stored(segment)
             self._in_flight = []
 
     async def write(self, batch: list[dict[str, Any]], collection: str = COMPLETIONS) -> None:
@@ -157,15 +170,28 @@ class EventLog:
         return Path(ctx.options.billing_data_dir)
 
     async def _replay_journals(self) -> None:
-        """Events journaled by a proxy process that ended before storing them."""
+        """Events journaled by proxy processes that ended before storing them: each
+        request's real event, or — if it never finished — its provisional one."""
         assert self.journal is not None
-        for path in list(self.journal.orphans()):
-            events = self.journal.read(path)
-            logger.info(f"Writing {len(events)} journaled events from {path.name}")
-            for collection in (COMPLETIONS, FAILED):
-                docs = [doc for name, doc in events if name == collection]
-                for start in range(0, len(docs), 500):
-                    await self.write(docs[start : start + 500], collection)
+        paths = list(self.journal.orphans())
+        if not paths:
+            return
+        final: dict[str, list[dict[str, Any]]] = {COMPLETIONS: [], FAILED: []}
+        intents: dict[Any, dict[str, Any]] = {}
+        for path in paths:
+            for collection, doc in self.journal.read(path):
+                if collection == INTENT:
+                    intents[doc["_id"]] = doc
+                elif collection in final:
+                    final[collection].append(doc)
+        done = {doc["_id"] for docs in final.values() for doc in docs}
+        final[COMPLETIONS] += [doc for _id, doc in intents.items() if _id not in done]
+        logger.info(f"Writing journaled events of a stopped proxy: {len(done)} finished, "
+                    f"{len(intents) - len(done & intents.keys())} unfinished (estimated)")
+        for collection, docs in final.items():
+            for start in range(0, len(docs), 500):
+                await self.write(docs[start : start + 500], collection)
+        for path in paths:
             path.unlink()
 
     async def done(self) -> None:

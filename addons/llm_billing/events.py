@@ -14,8 +14,12 @@ from typing import Any
 from bson import Decimal128
 
 from .context import RequestContext
-from .meter import Outcome
+from .meter import CHARS_PER_TOKEN, Outcome, estimate_tokens
 from .prices import PriceTable
+from .usage import Usage
+
+UNFINISHED = (f"proxy stopped before the response finished: prompt estimated from its "
+              f"characters/{CHARS_PER_TOKEN}, output unknown")
 
 
 def _common(ctx: RequestContext, result: Outcome, finished: datetime) -> dict[str, Any]:
@@ -89,3 +93,12 @@ def failure_event(ctx: RequestContext, result: Outcome,
                   finished: datetime | None = None) -> dict[str, Any]:
     """The record of a request the upstream failed (nothing billed)."""
     return _common(ctx, result, finished or datetime.now(UTC))
+
+
+def intent_event(ctx: RequestContext, prices: PriceTable) -> dict[str, Any]:
+    """What a request is billed if the proxy stops before recording its real outcome:
+    its prompt, estimated. Journaled when the request goes upstream; stored only then."""
+    outcome = Outcome(status=None, usage=Usage(prompt_tokens=estimate_tokens(ctx.prompt_chars)),
+                      estimated=True, estimate_method=UNFINISHED, error=UNFINISHED)
+    return completion_event(ctx, outcome, prices,
+                            finished=datetime.fromtimestamp(ctx.started, UTC))
