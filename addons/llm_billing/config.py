@@ -14,10 +14,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .expression import Expression, ExpressionError, compile_expression
-from .plans import Plan, PlanError, parse_plans
-from .prices import EMPTY, PriceError, PriceTable, parse_prices
-from .stripe_billing import StripeConfigError, StripeSettings, parse_stripe
+from .plans import Plan, parse_plans
+from .prices import EMPTY, PriceTable, parse_prices
+from .stripe_billing import StripeSettings, parse_stripe
 from .usage import Protocol
+from .validation import ConfigValueError, non_negative_int
 
 AUTH_TYPES = ("bearer", "header", "query", "none")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -145,16 +146,18 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
         prices = parse_prices(data.get("prices"))
         plans = parse_plans(data.get("plans"))
         stripe = parse_stripe(data.get("stripe"), env)
-    except (PriceError, PlanError, StripeConfigError) as e:
+    except ConfigValueError as e:
         raise ConfigError(str(e)) from None
     if stripe.fallback_plan not in plans:
         raise ConfigError(f"stripe.fallback_plan: no plan {stripe.fallback_plan!r}")
     if default_plan not in plans:
         raise ConfigError(f"proxy.default_plan: no plan {default_plan!r} "
                           f"(plans: {', '.join(plans)})")
-    reserve = proxy.get("reserve_output_tokens", 256)
-    if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
-        raise ConfigError("proxy.reserve_output_tokens: must be a non-negative integer")
+    try:
+        reserve = non_negative_int(proxy.get("reserve_output_tokens", 256),
+                                   "proxy.reserve_output_tokens")
+    except ConfigValueError as e:
+        raise ConfigError(str(e)) from None
     return Config(backends, routes, default_plan, tuple(warnings), prices, plans, reserve,
                   stripe)
 

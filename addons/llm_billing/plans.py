@@ -13,10 +13,12 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from .validation import ConfigValueError, non_negative_int
+
 BLOCKED = "blocked"
 
 
-class PlanError(ValueError):
+class PlanError(ConfigValueError):
     pass
 
 
@@ -65,9 +67,7 @@ def _decimal(value: Any, where: str) -> Decimal:
 
 
 def _count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise PlanError(f"{where}: must be a non-negative integer (0 = unlimited)")
-    return value
+    return non_negative_int(value, where, " (0 = unlimited)")
 
 
 def parse_plan(plan_id: str, item: Any) -> Plan:

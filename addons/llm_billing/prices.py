@@ -14,12 +14,13 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from .usage import Usage
+from .validation import ConfigValueError
 
 MILLION = Decimal(1_000_000)
 CLASSES = ("input", "cache_read", "cache_write", "output", "reasoning", "unit")
 
 
-class PriceError(ValueError):
+class PriceError(ConfigValueError):
     pass
 
 

@@ -15,11 +15,12 @@ from typing import Any
 import stripe
 
 from .plans import Plan
+from .validation import ConfigValueError, non_negative_int
 
 PAYMENT_FAILED_POLICIES = ("downgrade", "block")
 
 
-class StripeConfigError(ValueError):
+class StripeConfigError(ConfigValueError):
     pass
 
 
@@ -58,9 +59,7 @@ def parse_stripe(data: Any, env: Mapping[str, str]) -> StripeSettings:
     if policy not in PAYMENT_FAILED_POLICIES:
         raise StripeConfigError(f"stripe.payment_failed: {policy!r} is not one of "
                                 f"{', '.join(PAYMENT_FAILED_POLICIES)}")
-    grace = data.get("grace_days", 3)
-    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
-        raise StripeConfigError("stripe.grace_days: must be a non-negative integer")
+    grace = non_negative_int(data.get("grace_days", 3), "stripe.grace_days")
     strings = {k: data[k] for k in ("api_base", "meter_event_name", "success_url",
                                     "cancel_url", "portal_return_url", "fallback_plan")
                if k in data}
