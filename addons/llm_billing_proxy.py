@@ -6,7 +6,6 @@ Addons run in this order on each request; README.md ("How it works") walks throu
 """
 
 from llm_billing import proxy_errors
-from llm_billing.database import Database
 from llm_billing.defaults import ProxyDefaults
 from llm_billing.eventlog import EventLog
 from llm_billing.keyauth import KeyAuth
@@ -14,6 +13,8 @@ from llm_billing.limits import Limits
 from llm_billing.meter import Meter
 from llm_billing.router import Router
 from llm_billing.settings import Settings
+from llm_billing.settle import Settle
+from llm_billing.storage.database import Database
 from llm_billing.stripe_reporter import StripeReporter
 from llm_billing.upstream_auth import CredentialRedactor
 from llm_billing.users import UserPlans
@@ -24,6 +25,8 @@ proxy_errors.install()
 settings = Settings()
 database = Database()
 user_plans = UserPlans(database, settings)
+limits = Limits(database, settings)
+event_log = EventLog(database, settings)
 
 addons = [
     ProxyDefaults(),
@@ -34,8 +37,9 @@ addons = [
     Router(settings),
     CredentialRedactor(),
     Meter(),
-    Limits(database, settings),  # after Router (request) and Meter (response)
-    EventLog(database, settings),
+    limits,  # after Router (request hook)
+    event_log,
+    Settle(limits, event_log),  # the one step that ends a request; feeds limits, then events
     StripeReporter(database, settings),
     database,  # last, so it closes after the event log has flushed
 ]

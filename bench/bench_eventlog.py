@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "addons"), str(ROOT / "tests")]
 
 from conftest import free_port, wait_for_port  # noqa: E402
-from llm_billing.embedded_db import start_embedded_db, uri_for  # noqa: E402
 from llm_billing.eventlog import EventLog  # noqa: E402
+from llm_billing.storage.embedded_db import start_embedded_db, uri_for  # noqa: E402
 
 STOCK_SERVER = """
 import asyncio, sys

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "addons"), str(ROOT / "tests")]
 
 from conftest import free_port, wait_for_port, write_config  # noqa: E402
-from llm_billing.embedded_db import start_embedded_db  # noqa: E402
+from llm_billing.storage.embedded_db import start_embedded_db  # noqa: E402
 
 TOKEN = "bench-token"
 BENCH_PLAN = """

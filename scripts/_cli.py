@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
-from llm_billing.embedded_db import DEFAULT_PORT, start_embedded_db  # noqa: E402
+from llm_billing.storage.embedded_db import DEFAULT_PORT, start_embedded_db  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -33,9 +33,9 @@ from bson.errors import InvalidId
 from pymongo import MongoClient
 
 from _cli import ROOT, database_uri
-from llm_billing.config import Config
+from llm_billing.core.config import Config
+from llm_billing.core.dates import month_of
 from llm_billing.keyauth import token_hash
-from llm_billing.plans import month_of
 from llm_billing.settings import read_config
 from llm_billing.stripe_billing import checkout_session, client_for, portal_session
 

@@ -28,7 +28,7 @@ from google.genai import types as genai_types
 from pymongo import MongoClient
 
 from fake_upstream import FakeUpstream
-from llm_billing.embedded_db import start_embedded_db
+from llm_billing.storage.embedded_db import start_embedded_db
 
 ROOT = Path(__file__).resolve().parent.parent
 

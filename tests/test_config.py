@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_billing.config import ConfigError, Secret, parse_config
-from llm_billing.usage import Protocol
+from llm_billing.core.config import ConfigError, Secret, parse_config
+from llm_billing.core.usage import Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = """

@@ -23,7 +23,7 @@ from conftest import (
     write_config,
 )
 from fake_upstream import FakeUpstream, corpus_names, load_case
-from llm_billing.embedded_db import start_embedded_db
+from llm_billing.storage.embedded_db import start_embedded_db
 
 CASES = corpus_names()
 

@@ -12,8 +12,8 @@ from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from conftest import free_port
-from llm_billing.embedded_db import start_embedded_db
 from llm_billing.eventlog import EventLog
+from llm_billing.storage.embedded_db import start_embedded_db
 
 
 class FixedDatabase:
@@ -97,8 +97,8 @@ def test_embedded_insert_rate_stays_flat(tmp_path):
 def test_an_unencodable_event_is_set_aside_and_writing_goes_on(mongo_uri: str, db, tmp_path):
     from mitmproxy.test import taddons
 
-    from llm_billing.database import Database
     from llm_billing.eventlog import DEAD_LETTER_FILE
+    from llm_billing.storage.database import Database
 
     user = f"user-{uuid.uuid4().hex}"
     bad = {**event(user), "timings": {1, 2}}  # a set: BSON cannot encode it
@@ -123,9 +123,9 @@ def test_journal_replay_prefers_real_events_over_provisional_ones(mongo_uri: str
 
     from mitmproxy.test import taddons
 
-    from llm_billing.database import Database
     from llm_billing.eventlog import COMPLETIONS, INTENT
-    from llm_billing.journal import Journal, encode
+    from llm_billing.storage.database import Database
+    from llm_billing.storage.journal import Journal, encode
 
     user = f"user-{uuid.uuid4().hex}"
     finished, unfinished = event(user), event(user)

@@ -17,7 +17,7 @@ from fake_upstream import (
     openai_chat_stream,
     openai_chat_usage,
 )
-from llm_billing.expression import (
+from llm_billing.core.expression import (
     EvaluationError,
     ExpressionError,
     billable,
@@ -121,7 +121,7 @@ def test_only_referenced_variables_are_reported():
 
 
 def test_repeated_parses_run_once_per_evaluation(monkeypatch):
-    from llm_billing import expression
+    from llm_billing.core import expression
     calls = []
     original = expression.fn_sse_events
     monkeypatch.setitem(expression.FUNCTIONS, "sseEvents",

@@ -8,7 +8,7 @@ import sys
 
 from bson import ObjectId
 
-from llm_billing.journal import Journal
+from llm_billing.storage.journal import Journal
 
 
 def test_segments_are_deleted_once_every_event_is_stored(tmp_path):

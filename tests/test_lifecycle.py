@@ -31,8 +31,8 @@ from conftest import (
     write_config,
 )
 from fake_upstream import FakeUpstream
-from llm_billing.embedded_db import start_embedded_db
-from llm_billing.journal import Journal
+from llm_billing.storage.embedded_db import start_embedded_db
+from llm_billing.storage.journal import Journal
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fake_upstream import anthropic_stream, openai_chat_stream, openai_chat_usage
-from llm_billing.meter import StreamMeter, strip_null_usage
-from llm_billing.usage import Protocol, Usage
+from llm_billing.core.stream_meter import StreamMeter, strip_null_usage
+from llm_billing.core.usage import Protocol, Usage
 
 BODY = {"model": "o3-mini", "messages": [{"role": "user", "content": "cache it"}],
         "stream": True}
@@ -132,9 +132,9 @@ def _cases():
         responses_usage,
         vllm_chat_stream,
     )
-    from llm_billing.usage import anthropic_usage as a_usage
-    from llm_billing.usage import gemini_usage as g_usage
-    from llm_billing.usage import responses_usage as r_usage
+    from llm_billing.core.usage import anthropic_usage as a_usage
+    from llm_billing.core.usage import gemini_usage as g_usage
+    from llm_billing.core.usage import responses_usage as r_usage
 
     body = {"model": "o3", "messages": [{"role": "user", "content": "cache"}],
             "input": "cache me", "contents": [{"parts": [{"text": "cache"}]}], "stream": True,
@@ -184,8 +184,8 @@ def test_every_provider_at_any_chunking(index: int, data):
 def test_usage_extractors_never_raise_on_any_json(protocol: Protocol, payload):
     import json as _json
 
-    from llm_billing.sse import SSEEvent
-    from llm_billing.usage import UsageTracker
+    from llm_billing.core.sse import SSEEvent
+    from llm_billing.core.usage import UsageTracker
     tracker = UsageTracker(protocol)
     text = _json.dumps(payload)
     tracker.observe_event(SSEEvent("message_delta", text, None))
@@ -195,7 +195,7 @@ def test_usage_extractors_never_raise_on_any_json(protocol: Protocol, payload):
 
 def test_hiding_never_holds_back_more_than_a_bounded_amount():
     """A 'stream' that never ends an event is let through, not buffered."""
-    from llm_billing.meter import MAX_HELD
+    from llm_billing.core.stream_meter import MAX_HELD
     meter = chat_meter(hide=True)
     sent = received = 0
     for _ in range(64):

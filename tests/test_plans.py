@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llm_billing.config import ConfigError, parse_config
-from llm_billing.plans import (
+from llm_billing.core.config import ConfigError, parse_config
+from llm_billing.core.dates import openai_duration
+from llm_billing.core.plans import (
     TokenBucket,
-    openai_duration,
     output_limit,
     overage_split,
     parse_plans,

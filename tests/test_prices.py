@@ -6,9 +6,10 @@ from decimal import Decimal
 
 import pytest
 
-from llm_billing.config import ConfigError, parse_config
-from llm_billing.prices import PriceError, parse_prices
-from llm_billing.usage import Usage
+from llm_billing.core.config import ConfigError, parse_config
+from llm_billing.core.prices import parse_prices
+from llm_billing.core.usage import Usage
+from llm_billing.core.validation import ConfigValueError
 
 TABLE = parse_prices({
     "version": "2026-11-01",
@@ -59,7 +60,7 @@ def test_float_prices_are_read_as_written():
     ({"default": {"input": True}}, "must be a number"),
 ])
 def test_bad_prices(table: dict, message: str):
-    with pytest.raises(PriceError, match=message):
+    with pytest.raises(ConfigValueError, match=message):
         parse_prices(table)
 
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fake_upstream import anthropic_stream, openai_chat_stream
-from llm_billing.sse import SSEEvent, SSEParser
+from llm_billing.core.sse import SSEEvent, SSEParser
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
         "stream": True, "stream_options": {"include_usage": True}}

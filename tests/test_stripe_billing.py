@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from llm_billing.config import ConfigError, parse_config
-from llm_billing.plans import parse_plans
-from llm_billing.stripe_billing import parse_stripe, payment_blocked, user_change
+from llm_billing.core.config import ConfigError, parse_config
+from llm_billing.core.plans import parse_plans
+from llm_billing.core.stripe_rules import parse_stripe, payment_blocked, user_change
 
 PLANS = parse_plans(None)
 NOW = datetime(2026, 11, 23, tzinfo=UTC)

@@ -1,5 +1,7 @@
 """llm-billing-proxy: per-token billing for LLM APIs as mitmproxy addons.
 
-Pure modules (no I/O): sse, usage, config, errors, events.
-Addons (mitmproxy hooks): database, keyauth, router, upstream_auth, meter, eventlog.
+- ``core/``: pure code, no I/O (SSE, usage per provider, prices, plans, expressions,
+  config, event documents, the stream meter).
+- ``storage/``: database, journal, ledger, cache — everything that awaits I/O.
+- the modules here: the mitmproxy addons (hooks), one concern each.
 """

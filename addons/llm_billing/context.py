@@ -8,59 +8,18 @@ it, and a saved flow replayed offline (``mitmdump -nr``) is billed again from it
 
 from __future__ import annotations
 
-import time
 import weakref
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from bson import ObjectId, json_util
+from bson import json_util
 from mitmproxy import http
 
-from .config import Backend, Route
-from .plans import Plan
-from .usage import Protocol
+from .core.config import Backend, Route
+from .core.request import Caller, RequestContext
 
-if TYPE_CHECKING:
-    from .meter import Outcome, StreamMeter
+__all__ = ["Caller", "RequestContext", "attach", "of", "restore", "summarize"]
 
 METADATA_KEY = "llm_billing"
-
-
-@dataclass(slots=True)
-class Caller:
-    """The API key document that authenticated the request."""
-
-    key_id: Any  # the key document's _id, as stored
-    user_id: Any
-
-
-@dataclass(slots=True)
-class RequestContext:
-    caller: Caller
-    route: Route
-    path: str  # as the client sent it, without the query
-    event_id: ObjectId = field(default_factory=ObjectId)  # fixed now: retries can't bill twice
-    started: float = field(default_factory=time.time)
-    plan_id: str = ""
-    model: str = ""
-    backend: Backend | None = None
-    stream: bool = False
-    usage_injected: bool = False  # we added stream_options.include_usage; hide its chunk
-    prompt_chars: int = 0  # characters of prompt text, for estimates only
-    output_limit: int | None = None  # the request's max_tokens (or equivalent)
-    request_bytes: int = 0
-    plan: Plan | None = None  # the user's plan (UserPlans)
-    hold: Any = None  # the Limits addon's reservation for this request
-    replayed: bool = False  # rebuilt from a saved flow, not a live request
-    meter: StreamMeter | None = None
-    outcome: Outcome | None = None  # set once, in response or error
-    sending: bool = False  # request hook done, response headers not yet in
-    logged: bool = False  # its event went to the event log
-    intent: Any = None  # the journal segment holding its provisional event
-
-    @property
-    def protocol(self) -> Protocol:
-        return self.route.protocol
 
 
 _contexts: weakref.WeakKeyDictionary[http.HTTPFlow, RequestContext] = (

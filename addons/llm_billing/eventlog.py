@@ -23,10 +23,11 @@ from mitmproxy import ctx, http
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from . import context
-from .database import Database
-from .events import completion_event, failure_event, intent_event
-from .journal import Journal, Segment, append_lines
+from .core.events import completion_event, failure_event, intent_event
+from .core.outcome import Outcome
 from .settings import Settings
+from .storage.database import Database
+from .storage.journal import Journal, Segment, append_lines
 
 logger = logging.getLogger(__name__)
 
@@ -85,25 +86,16 @@ class EventLog:
         assert self.settings is not None and self.settings.config is not None
         rc.intent = self.journal.append(INTENT, intent_event(rc, self.settings.config.prices))
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._log(flow)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._log(flow)
-
-    def _log(self, flow: http.HTTPFlow) -> None:
-        rc = context.of(flow)
-        if rc is None or rc.outcome is None or rc.logged:
-            return
-        rc.logged = True
-        if rc.outcome.usage is None:
+    def settled(self, rc: context.RequestContext, outcome: Outcome) -> None:
+        """The flow ended (see settle.py): journal and queue its one event."""
+        if outcome.usage is None:
             logger.info(f"Not billed: {rc.model} for user {rc.caller.user_id}: "
-                        f"status {rc.outcome.status}, {rc.outcome.error or 'no usage'}")
-            self.submit(FAILED, failure_event(rc, rc.outcome), rc.intent)
+                        f"status {outcome.status}, {outcome.error or 'no usage'}")
+            self.submit(FAILED, failure_event(rc, outcome), rc.intent)
             return
         assert self.settings is not None and self.settings.config is not None
         prices = self.settings.config.prices
-        self.submit(COMPLETIONS, completion_event(rc, rc.outcome, prices), rc.intent)
+        self.submit(COMPLETIONS, completion_event(rc, outcome, prices), rc.intent)
 
     def submit(self, collection: str, doc: dict[str, Any], intent: Segment | None = None) -> None:
         segment = self.journal.append(collection, doc) if self.journal else None

@@ -20,13 +20,13 @@ from mitmproxy import ctx, http
 from pymongo.errors import PyMongoError
 
 from . import context
-from .cache import RefreshingCache
-from .config import Config
 from .context import Caller
-from .database import Database
+from .core.config import Config
+from .core.usage import Protocol
 from .errors import error_response
 from .settings import Settings
-from .usage import Protocol
+from .storage.cache import RefreshingCache
+from .storage.database import Database
 
 logger = logging.getLogger(__name__)
 

@@ -25,12 +25,14 @@ from mitmproxy import ctx, http
 from pymongo.errors import PyMongoError
 
 from . import context
-from .database import Database
+from .core.dates import month_of, openai_duration, seconds_to_next_month
+from .core.events import tokens_billed
+from .core.outcome import Outcome
+from .core.plans import Plan, TokenBucket, reservation
 from .errors import error_response
-from .events import tokens_billed
-from .plans import Plan, TokenBucket, month_of, openai_duration, reservation
-from .quota import Account, QuotaLedger
 from .settings import Settings
+from .storage.database import Database
+from .storage.ledger import Account, QuotaLedger
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +42,6 @@ class Hold:
     account: Account
     tokens: int
     bucket: TokenBucket | None
-
-
-def seconds_to_next_month(now: datetime) -> int:
-    first = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
-    return math.ceil((first - now).total_seconds())
 
 
 class Limits:
@@ -133,19 +130,13 @@ class Limits:
                 and flow.response is not None:
             _rate_headers(flow.response, rc.hold.bucket, time.monotonic())
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._settle(flow)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._settle(flow)
-
-    def _settle(self, flow: http.HTTPFlow) -> None:
-        rc = context.of(flow)
-        if rc is None or not isinstance(rc.hold, Hold) or rc.outcome is None:
+    def settled(self, rc: context.RequestContext, outcome: Outcome) -> None:
+        """The flow ended (see settle.py): its hold becomes what it was billed."""
+        if not isinstance(rc.hold, Hold):
             return
         hold, rc.hold = rc.hold, None
-        used = math.ceil(tokens_billed(rc, rc.outcome))
-        self.ledger.settle(hold.account, hold.tokens, used, rc.outcome.usage)
+        used = math.ceil(tokens_billed(rc, outcome))
+        self.ledger.settle(hold.account, hold.tokens, used, outcome.usage)
         if hold.bucket is not None:
             hold.bucket.adjust(used - hold.tokens, time.monotonic())
 

@@ -15,11 +15,12 @@ from typing import Any
 from mitmproxy import http
 
 from . import context
-from .config import Backend, Config
+from .core.config import Backend, Config
+from .core.estimate import prompt_chars
+from .core.plans import output_limit
+from .core.usage import parse_json
 from .errors import error_response
-from .plans import output_limit
 from .settings import Settings
-from .usage import parse_json, prompt_chars
 
 CALLER_HEADERS = ("x-user-id", "x-plan-id")
 

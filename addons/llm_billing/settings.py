@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions
 
-from .config import Config, ConfigError, parse_config
+from .core.config import Config, ConfigError, parse_config
 
 logger = logging.getLogger(__name__)
 

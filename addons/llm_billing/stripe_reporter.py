@@ -24,8 +24,9 @@ from mitmproxy import ctx
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from .database import Database
+from .core.dates import aware
 from .settings import Settings
+from .storage.database import Database
 from .stripe_billing import client_for
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class StripeReporter:
             await self._later(db, item, "no_customer", "the user has no Stripe customer")
             return True
         created = item["created"]
-        created = created if created.tzinfo else created.replace(tzinfo=UTC)
+        created = aware(created)
         try:
             await client.v1.billing.meter_events.create_async(params={
                 "event_name": event_name, "identifier": item["_id"],

@@ -21,7 +21,7 @@ from mitmproxy import flow as mflow
 from mitmproxy import http
 
 from . import context
-from .config import UpstreamAuth
+from .core.config import UpstreamAuth
 
 REDACTED = "<redacted>"
 

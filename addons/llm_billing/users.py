@@ -16,11 +16,11 @@ from mitmproxy import ctx, http
 from pymongo.errors import PyMongoError
 
 from . import context
-from .cache import RefreshingCache
-from .database import Database
+from .core.stripe_rules import payment_blocked
 from .errors import error_response
 from .settings import Settings
-from .stripe_billing import payment_blocked
+from .storage.cache import RefreshingCache
+from .storage.database import Database
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ import stripe
 from mitmproxy import http
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from .database import Database
+from .core.dates import aware
+from .core.stripe_rules import user_change
 from .settings import Settings
-from .stripe_billing import user_change
+from .storage.database import Database
 from .users import UserPlans
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class StripeWebhook:
         except DuplicateKeyError:
             seen = await events.find_one({"_id": event["id"]}) or {}
             received = seen.get("received") or now
-            received = received if received.tzinfo else received.replace(tzinfo=UTC)
+            received = aware(received)
             if seen.get("status") == "done" or now - received < STALE_PROCESSING:
                 return _reply(200, {"received": True, "duplicate": True})
         try:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from .usage import Usage
-from .validation import ConfigValueError
+from .validation import ConfigValueError, non_negative_decimal
 
 MILLION = Decimal(1_000_000)
 CLASSES = ("input", "cache_read", "cache_write", "output", "reasoning", "unit")
@@ -79,18 +79,6 @@ class PriceTable:
 EMPTY = PriceTable(version="", currency="USD", default=None, exact={}, prefixes=())
 
 
-def _decimal(value: Any, where: str) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise PriceError(f"{where}: must be a number, preferably a string like \"0.15\"")
-    try:
-        result = Decimal(str(value))  # str(): a float like 0.1 becomes exactly "0.1"
-    except InvalidOperation:
-        raise PriceError(f"{where}: {value!r} is not a number") from None
-    if not result.is_finite() or result < 0:
-        raise PriceError(f"{where}: must be a non-negative number, got {value!r}")
-    return result
-
-
 def parse_price(pattern: str, item: Any, where: str) -> Price:
     if not isinstance(item, dict):
         raise PriceError(f"{where}: must be a table like {{ input = \"1.00\", output = \"2.00\" }}")
@@ -98,7 +86,8 @@ def parse_price(pattern: str, item: Any, where: str) -> Price:
     if unknown:
         raise PriceError(f"{where}: unknown class {sorted(unknown)[0]!r}; "
                          f"classes are {', '.join(CLASSES)}")
-    values = {name: _decimal(item[name], f"{where}.{name}") for name in CLASSES if name in item}
+    values = {name: non_negative_decimal(item[name], f"{where}.{name}")
+              for name in CLASSES if name in item}
     return Price(pattern=pattern, **values)
 
 

@@ -13,9 +13,10 @@ from typing import Any
 
 from bson import Decimal128
 
-from .context import RequestContext
-from .meter import CHARS_PER_TOKEN, Outcome, estimate_tokens
+from .estimate import CHARS_PER_TOKEN, estimate_tokens
+from .outcome import Outcome
 from .prices import PriceTable
+from .request import RequestContext
 from .usage import Usage
 
 UNFINISHED = (f"proxy stopped before the response finished: prompt estimated from its "

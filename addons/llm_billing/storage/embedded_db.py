@@ -1,6 +1,6 @@
 """The embedded default database: a mongoeco wire server in its own process.
 
-``python -m llm_billing.embedded_db --data-dir DIR --port N`` serves MongoDB's wire
+``python -m llm_billing.storage.embedded_db --data-dir DIR --port N`` serves MongoDB's wire
 protocol from a SQLite file; pymongo reaches it over TCP like any MongoDB, so a real
 server replaces it by URI alone. ``start_embedded_db`` reuses one already listening on
 the port (another proxy instance's) or starts a child process that dies with its parent.
@@ -86,9 +86,9 @@ def start_embedded_db(
     """
     if is_listening(port):
         return uri_for(port), None
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     process = subprocess.Popen(
-        [sys.executable, "-m", "llm_billing.embedded_db",
+        [sys.executable, "-m", "llm_billing.storage.embedded_db",
          "--data-dir", str(data_dir), "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent,
     )

@@ -25,9 +25,10 @@ from bson import Decimal128
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from ..core.dates import aware
+from ..core.plans import Plan, overage_split
+from ..core.usage import Usage
 from .database import Database
-from .plans import Plan, overage_split
-from .usage import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class QuotaLedger:
             leased_elsewhere = sum(
                 max(0, lease.get("amount", 0))
                 for instance, lease in doc.get("leases", {}).items()
-                if instance != self.instance and _aware(lease.get("expires")) > now)
+                if instance != self.instance and aware(lease.get("expires")) > now)
             mine = max(0, doc.get("leases", {}).get(self.instance, {}).get("amount", 0))
             available = quota - doc.get("tokens", 0) - leased_elsewhere - mine
             if available < shortfall:
@@ -208,8 +209,3 @@ class QuotaLedger:
         await self.flush()
         await self.flush()  # the second pass hands back leases emptied by the first
 
-
-def _aware(moment: Any) -> datetime:
-    if not isinstance(moment, datetime):
-        return datetime.min.replace(tzinfo=UTC)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from .expression import Expression, ExpressionError, compile_expression
 from .plans import Plan, parse_plans
 from .prices import EMPTY, PriceTable, parse_prices
-from .stripe_billing import StripeSettings, parse_stripe
+from .stripe_rules import StripeSettings, parse_stripe
 from .usage import Protocol
 from .validation import ConfigValueError, non_negative_int
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
-from .validation import ConfigValueError, non_negative_int
+from .estimate import estimate_tokens
+from .validation import ConfigValueError, non_negative_decimal, non_negative_int
 
 BLOCKED = "blocked"
 
@@ -56,16 +56,6 @@ DEFAULT_PLANS: dict[str, dict[str, Any]] = {  # seed 000's table
 }
 
 
-def _decimal(value: Any, where: str) -> Decimal:
-    try:
-        result = Decimal(str(value))
-    except InvalidOperation:
-        raise PlanError(f"{where}: {value!r} is not a number") from None
-    if not result.is_finite() or result < 0:
-        raise PlanError(f"{where}: must be a non-negative number")
-    return result
-
-
 def _count(value: Any, where: str) -> int:
     return non_negative_int(value, where, " (0 = unlimited)")
 
@@ -79,13 +69,13 @@ def parse_plan(plan_id: str, item: Any) -> Plan:
         raise PlanError(f"{where}: unknown field {sorted(unknown)[0]!r}")
     overage = str(item.get("overage", BLOCKED))
     if overage != BLOCKED:
-        _decimal(overage, f"{where}.overage")
+        non_negative_decimal(overage, f"{where}.overage")
     stripe_price = item.get("stripe_price")
     if stripe_price is not None and not isinstance(stripe_price, str):
         raise PlanError(f"{where}.stripe_price: must be a string")
     return Plan(
         id=plan_id, name=str(item.get("name", plan_id)),
-        price=_decimal(item.get("price", "0"), f"{where}.price"),
+        price=non_negative_decimal(item.get("price", "0"), f"{where}.price"),
         monthly_tokens=_count(item.get("monthly_tokens", 0), f"{where}.monthly_tokens"),
         tokens_per_minute=_count(item.get("tokens_per_minute", 0),
                                  f"{where}.tokens_per_minute"),
@@ -104,7 +94,6 @@ def parse_plans(data: Any) -> dict[str, Plan]:
 # --- Reservations ------------------------------------------------------------------------
 
 OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-CHARS_PER_TOKEN = 4
 
 
 def output_limit(body: dict[str, Any]) -> int | None:
@@ -120,13 +109,8 @@ def output_limit(body: dict[str, Any]) -> int | None:
 def reservation(prompt_chars: int, limit: int | None, default_output: int) -> int:
     """Tokens to hold for a request before it runs: its prompt, estimated from the text,
     plus the most output it may produce (its own limit, else ``default_output``)."""
-    return math.ceil(prompt_chars / CHARS_PER_TOKEN) + (default_output if limit is None
-                                                          else limit)
+    return estimate_tokens(prompt_chars) + (default_output if limit is None else limit)
 
-
-def month_of(moment: datetime) -> str:
-    """The calendar month (UTC) a request is counted in: ``YYYY-MM``."""
-    return f"{moment.year:04d}-{moment.month:02d}"
 
 
 def overage_split(before: int, added: int, quota: int) -> int:
@@ -172,12 +156,3 @@ class TokenBucket:
     def reset_after(self, now: float) -> float:
         """Seconds until the bucket is full again."""
         return max(0.0, (self.capacity - self.level(now)) / self.rate)
-
-
-def openai_duration(seconds: float) -> str:
-    """OpenAI's ``x-ratelimit-reset-*`` format: ``1m30s``, ``6s``, ``120ms``."""
-    if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
-    minutes, rest = divmod(seconds, 60)
-    text = f"{int(minutes)}m" if minutes else ""
-    return text + (f"{rest:.3g}s" if rest or not minutes else "")

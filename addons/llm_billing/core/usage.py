@@ -303,24 +303,3 @@ def _text_size(part: Any) -> int:
         if isinstance(call, dict):
             size += _text_size(call.get("function"))
     return size
-
-
-PROMPT_FIELDS = ("messages", "system", "prompt", "input", "instructions", "tools", "contents",
-                 "systemInstruction")
-
-
-def prompt_chars(body: dict[str, Any]) -> int:
-    """Characters of text a request sends as prompt, for estimates when usage is missing."""
-    return sum(_strings_size(body.get(key)) for key in PROMPT_FIELDS)
-
-
-def _strings_size(value: Any, depth: int = 0) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if depth > 32:
-        return 0
-    if isinstance(value, dict):
-        return sum(_strings_size(v, depth + 1) for v in value.values())
-    if isinstance(value, list):
-        return sum(_strings_size(v, depth + 1) for v in value)
-    return 0

@@ -1,0 +1,54 @@
+"""What the proxy knows about one request (sans-I/O data): who called, where it goes,
+what was held for it and, once it ended, its outcome."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from bson import ObjectId
+
+from .config import Backend, Route
+from .outcome import Outcome
+from .plans import Plan
+from .usage import Protocol
+
+if TYPE_CHECKING:
+    from .stream_meter import StreamMeter
+
+
+@dataclass(slots=True)
+class Caller:
+    """The API key document that authenticated the request."""
+
+    key_id: Any  # the key document's _id, as stored
+    user_id: Any
+
+
+@dataclass(slots=True)
+class RequestContext:
+    caller: Caller
+    route: Route
+    path: str  # as the client sent it, without the query
+    event_id: ObjectId = field(default_factory=ObjectId)  # fixed now: retries can't bill twice
+    started: float = field(default_factory=time.time)
+    plan_id: str = ""
+    model: str = ""
+    backend: Backend | None = None
+    stream: bool = False
+    usage_injected: bool = False  # we added stream_options.include_usage; hide its chunk
+    prompt_chars: int = 0  # characters of prompt text, for estimates only
+    output_limit: int | None = None  # the request's max_tokens (or equivalent)
+    request_bytes: int = 0
+    plan: Plan | None = None  # the user's plan (UserPlans)
+    hold: Any = None  # the Limits addon's reservation for this request
+    replayed: bool = False  # rebuilt from a saved flow, not a live request
+    meter: StreamMeter | None = None
+    outcome: Outcome | None = None  # set once, by the Settle addon
+    sending: bool = False  # request hook done, response headers not yet in
+    intent: Any = None  # the journal segment holding its provisional event
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.route.protocol
