@@ -29,8 +29,11 @@ CORPUS = Path(__file__).resolve().parent / "corpus"
 
 
 def load_case(name: str) -> dict[str, Any]:
-    """A recorded exchange from tests/corpus (see its README)."""
-    return json.loads((CORPUS / f"{name}.json").read_text())
+    """A recorded exchange from tests/corpus (see its README); a class its ``expected``
+    leaves out is 0."""
+    case = json.loads((CORPUS / f"{name}.json").read_text())
+    case["expected"].setdefault("cache_write_1h_tokens", 0)
+    return case
 
 
 def corpus_names() -> list[str]:
@@ -153,10 +156,14 @@ def openai_embeddings_json(body: dict[str, Any]) -> dict[str, Any]:
 
 def anthropic_usage(body: dict[str, Any]) -> dict[str, Any]:
     cached = "cache" in _dumps(body.get("messages", ""))
-    return {"input_tokens": prompt_tokens_for(body),
-            "cache_creation_input_tokens": 1024 if cached else 0,
-            "cache_read_input_tokens": 2048 if cached else 0,
-            "output_tokens": len(completion_words(body)), "service_tier": "standard"}
+    usage = {"input_tokens": prompt_tokens_for(body),
+             "cache_creation_input_tokens": 1024 if cached else 0,
+             "cache_read_input_tokens": 2048 if cached else 0,
+             "output_tokens": len(completion_words(body)), "service_tier": "standard"}
+    if '"ttl":"1h"' in _dumps(body.get("messages", "")):  # a one-hour cache_control block
+        usage["cache_creation"] = {"ephemeral_5m_input_tokens": 256,
+                                   "ephemeral_1h_input_tokens": 768}
+    return usage
 
 
 def anthropic_message_json(body: dict[str, Any], test_id: str) -> dict[str, Any]:

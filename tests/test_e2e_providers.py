@@ -50,7 +50,7 @@ def test_responses_api(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db, te
     assert classes(event) == {
         "prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
         "cache_read_tokens": usage["input_tokens_details"]["cached_tokens"],
-        "cache_write_tokens": 0,
+        "cache_write_tokens": 0, "cache_write_1h_tokens": 0,
         "reasoning_tokens": usage["output_tokens_details"]["reasoning_tokens"]}
     assert event["usage"]["reasoning_tokens"] > 0 and event["usage"]["cache_read_tokens"] > 0
     assert event["prompt_n"] == usage["input_tokens"]
@@ -85,7 +85,7 @@ def test_gemini_generate_content(proxy: Proxy, upstream: FakeUpstream, key: ApiK
         "prompt_tokens": meta["promptTokenCount"],
         "completion_tokens": meta["candidatesTokenCount"] + meta["thoughtsTokenCount"],
         "cache_read_tokens": meta["cachedContentTokenCount"], "cache_write_tokens": 0,
-        "reasoning_tokens": meta["thoughtsTokenCount"]}
+        "cache_write_1h_tokens": 0, "reasoning_tokens": meta["thoughtsTokenCount"]}
 
 
 def test_gemini_stream_takes_the_last_usage(proxy: Proxy, upstream: FakeUpstream,

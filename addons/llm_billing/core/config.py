@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from .expression import Expression, ExpressionError, compile_expression
 from .plans import Plan, parse_plans
-from .prices import EMPTY, PriceTable, parse_prices
+from .prices import EMPTY, PriceTable, parse_prices, unpriced_models
 from .stripe_rules import StripeSettings, parse_stripe
 from .usage import Protocol
 from .validation import ConfigValueError, non_negative_int
@@ -150,6 +150,7 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
         raise ConfigError(str(e)) from None
     if stripe.fallback_plan not in plans:
         raise ConfigError(f"stripe.fallback_plan: no plan {stripe.fallback_plan!r}")
+    warnings += _price_warnings(backends, prices)
     if default_plan not in plans:
         raise ConfigError(f"proxy.default_plan: no plan {default_plan!r} "
                           f"(plans: {', '.join(plans)})")
@@ -160,6 +161,20 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
         raise ConfigError(str(e)) from None
     return Config(backends, routes, default_plan, tuple(warnings), prices, plans, reserve,
                   stripe)
+
+
+def _price_warnings(backends: tuple[Backend, ...], prices: PriceTable) -> list[str]:
+    """One line per routed model (or pattern) without a price of its own: a model added to
+    a backend but not to [prices.models] would otherwise be billed at the default silently.
+    """
+    if not prices.prices_anything:
+        return []  # no [prices] at all: events carry no cost, by choice
+    default = prices.default
+    fallback = (f"the default price (input {default.input}, output {default.output} "
+                f"per million)" if default else "no price (its events carry no cost)")
+    return [f"model {model!r} of backend {backend.name!r} has no entry in [prices.models]; "
+            f"it is billed at {fallback}"
+            for backend in backends for model in unpriced_models(prices, backend.models)]
 
 
 def _routes(data: dict[str, Any]) -> dict[str, Route]:

@@ -4,7 +4,7 @@ none or only part of it (sans-I/O)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .estimate import CHARS_PER_TOKEN, estimate_tokens
@@ -35,10 +35,7 @@ def settle_usage(tracker: UsageTracker, prompt_chars: int) -> tuple[Usage, str |
         return usage, None
     delivered = estimate_tokens(tracker.output_chars)
     if usage is not None:  # e.g. Anthropic's message_start: input exact, output so far
-        partial = Usage(
-            prompt_tokens=usage.prompt_tokens, cache_read_tokens=usage.cache_read_tokens,
-            cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens,
-            completion_tokens=max(usage.completion_tokens, delivered))
+        partial = replace(usage, completion_tokens=max(usage.completion_tokens, delivered))
         return partial, f"output: delivered characters/{CHARS_PER_TOKEN}; input: provider"
     estimate = Usage(prompt_tokens=estimate_tokens(prompt_chars), completion_tokens=delivered)
     return estimate, f"prompt and delivered characters/{CHARS_PER_TOKEN}"

@@ -3,12 +3,13 @@
 Prices are per million tokens, per token class, written as decimal strings in the config
 so no float ever touches money. A model's price is its exact entry, else the longest
 matching ``prefix*`` entry, else the default. Classes a price leaves out fall back:
-cache reads and writes to ``input``, reasoning to ``output``.
+cache reads and writes to ``input``, one-hour cache writes to ``cache_write`` (then
+``input``), reasoning to ``output``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -17,7 +18,8 @@ from .usage import Usage
 from .validation import ConfigValueError, non_negative_decimal
 
 MILLION = Decimal(1_000_000)
-CLASSES = ("input", "cache_read", "cache_write", "output", "reasoning", "unit")
+CLASSES = ("input", "cache_read", "cache_write", "cache_write_1h", "output", "reasoning",
+           "unit")
 
 
 class PriceError(ConfigValueError):
@@ -33,6 +35,7 @@ class Price:
     output: Decimal = Decimal(0)
     cache_read: Decimal | None = None
     cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
     reasoning: Decimal | None = None
     unit: Decimal | None = None
 
@@ -40,12 +43,15 @@ class Price:
         """Exact cost of ``usage``: every token class at its own price."""
         read = self.input if self.cache_read is None else self.cache_read
         write = self.input if self.cache_write is None else self.cache_write
+        write_1h = write if self.cache_write_1h is None else self.cache_write_1h
         reasoning = self.output if self.reasoning is None else self.reasoning
+        writes_1h = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
         visible_output = max(0, usage.completion_tokens - usage.reasoning_tokens)
         total = (
             usage.uncached_prompt_tokens * self.input
             + usage.cache_read_tokens * read
-            + usage.cache_write_tokens * write
+            + (usage.cache_write_tokens - writes_1h) * write
+            + writes_1h * write_1h
             + visible_output * self.output
             + usage.reasoning_tokens * reasoning
         )
@@ -75,8 +81,26 @@ class PriceTable:
                 return price
         return self.default
 
+    @property
+    def prices_anything(self) -> bool:
+        return self.default is not None or bool(self.exact) or bool(self.prefixes)
+
+    def covers(self, model: str) -> bool:
+        """Whether ``model`` (a name, or a ``prefix*`` pattern: then every name it matches)
+        has a price of its own, not just the default."""
+        if model.endswith("*"):
+            return any(model[:-1].startswith(p.pattern[:-1]) for p in self.prefixes)
+        price = self.price_for(model)
+        return price is not None and price is not self.default
+
 
 EMPTY = PriceTable(version="", currency="USD", default=None, exact={}, prefixes=())
+
+
+def unpriced_models(table: PriceTable, models: Iterable[str]) -> list[str]:
+    """The models (names or ``prefix*`` patterns) that only the default price covers, or no
+    price at all, in order, once each."""
+    return [model for model in dict.fromkeys(models) if not table.covers(model)]
 
 
 def parse_price(pattern: str, item: Any, where: str) -> Price:

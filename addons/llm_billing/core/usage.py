@@ -44,7 +44,9 @@ class Usage:
     """Provider-neutral token counts.
 
     ``prompt_tokens`` is every input token (cached ones included) and ``completion_tokens``
-    every output token (reasoning included); the other fields are subsets of those.
+    every output token (reasoning included); the other fields are subsets of those, and
+    ``cache_write_1h_tokens`` (Anthropic's one-hour cache writes) a subset of
+    ``cache_write_tokens``.
     """
 
     prompt_tokens: int = 0
@@ -52,6 +54,7 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     @property
     def uncached_prompt_tokens(self) -> int:
@@ -68,6 +71,7 @@ class Usage:
             "cache_read_tokens": self.cache_read_tokens,
             "cache_write_tokens": self.cache_write_tokens,
             "reasoning_tokens": self.reasoning_tokens,
+            "cache_write_1h_tokens": self.cache_write_1h_tokens,
         }
 
 
@@ -126,20 +130,27 @@ def anthropic_usage(usage: dict[str, Any], previous: Usage | None = None) -> Usa
     """Anthropic ``usage``: fields absent from a ``message_delta`` keep their earlier value.
 
     Anthropic's ``input_tokens`` excludes cache reads and writes; prompt_tokens adds them.
+    ``cache_creation`` splits the writes by cache lifetime (5 minutes, 1 hour), which are
+    priced differently.
     """
     base = previous or Usage()
 
-    def field(name: str, current: int) -> int:
-        return _int(usage[name]) if usage.get(name) is not None else current
+    def field(name: str, current: int, source: dict[str, Any] = usage) -> int:
+        return _int(source[name]) if source.get(name) is not None else current
 
+    by_lifetime = _dict(usage.get("cache_creation"))
+    base_5m = max(0, base.cache_write_tokens - base.cache_write_1h_tokens)
+    write_5m = field("ephemeral_5m_input_tokens", base_5m, by_lifetime)
+    write_1h = field("ephemeral_1h_input_tokens", base.cache_write_1h_tokens, by_lifetime)
     uncached = field("input_tokens", base.uncached_prompt_tokens)
     read = field("cache_read_input_tokens", base.cache_read_tokens)
-    write = field("cache_creation_input_tokens", base.cache_write_tokens)
+    write = field("cache_creation_input_tokens", write_5m + write_1h)
     return replace(
         base,
         prompt_tokens=uncached + read + write,
         cache_read_tokens=read,
         cache_write_tokens=write,
+        cache_write_1h_tokens=min(write_1h, write),  # a part of the writes, never more
         completion_tokens=field("output_tokens", base.completion_tokens),
     )
 
