@@ -5,6 +5,7 @@ header), so a test can render what the upstream *would* have sent and compare by
 It records every request it received and every byte it sent, per test id.
 
 Scenarios, chosen by the ``X-Fake-Scenario`` request header:
+- ``greedy``: every answer uses its whole output limit (2,000 tokens when it sets none).
 - ``gated``: send the first content chunk, then wait for ``release(test_id)`` before the
   rest — proves the proxy does not buffer.
 - ``status-<code>``: answer with that HTTP error in the provider's error format.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 CREATED = 1_700_000_000
+GREEDY = "_fake_greedy"  # set on a request's body by the "greedy" scenario
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
 
@@ -52,6 +54,9 @@ def prompt_tokens_for(body: dict[str, Any]) -> int:
 
 
 def completion_words(body: dict[str, Any]) -> list[str]:
+    if body.get(GREEDY):  # a model that always uses its whole output budget
+        n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 2_000)
+        return (WORDS * (n // len(WORDS) + 1))[:n]
     n = body.get("max_tokens") or body.get("max_completion_tokens") or len(WORDS)
     return (WORDS * 10)[: min(int(n), 60)]
 
@@ -409,6 +414,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake.exchanges[test_id] = ex
         body = json.loads(raw or b"{}")
         scenario = self.headers.get("x-fake-scenario", "")
+        if scenario == "greedy":
+            body[GREEDY] = True
         path = self.path.partition("?")[0]
         if replay := self.headers.get("x-replay"):
             return self._replay(ex, load_case(replay))

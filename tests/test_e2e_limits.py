@@ -4,6 +4,7 @@ pymongo over the wire."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from decimal import Decimal
@@ -123,22 +124,24 @@ def test_enterprise_is_never_limited(proxy: Proxy, key: ApiKey, db):
     assert len(wait_for_events(db, key.user_id, 1)) == 1
 
 
-async def _storm(urls: list[str], key: ApiKey, n: int, max_tokens: int,
+async def _storm(urls: list[str], key: ApiKey, n: int, max_tokens: int | None,
                  content: str) -> tuple[int, int]:
-    """n concurrent streaming requests, spread over ``urls``: (admitted, refused)."""
+    """n concurrent streaming requests, spread over ``urls``, to an upstream that uses
+    every output token it is allowed (the worst case): (admitted, refused)."""
     clients = [openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key.token, max_retries=0)
                for url in urls]
+    limit = {} if max_tokens is None else {"max_tokens": max_tokens}
 
     async def one(i: int) -> bool:
         try:
             stream = await clients[i % len(clients)].chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": content}],
-                max_tokens=max_tokens, stream=True)
+                stream=True, extra_headers={"X-Fake-Scenario": "greedy"}, **limit)
             async for _ in stream:
                 pass
             return True
         except openai.RateLimitError as e:
-            assert e.code == "insufficient_quota"
+            assert e.code in ("insufficient_quota", "rate_limit_exceeded"), e
             return False
 
     results = await asyncio.gather(*(one(i) for i in range(n)))
@@ -149,27 +152,30 @@ def overshoot(db: MongoClient, key: ApiKey, quota: int, before: int, admitted: i
     events = wait_for_events(db, key.user_id, admitted)
     assert len(events) == admitted
     billed = sum(e["tokens_billed"] for e in events)
+    assert all(not e["usage_estimated"] for e in events)  # what the provider reported
     doc = wait_for_usage(db, key.user_id, before + billed)
     assert doc["tokens"] == before + billed  # the usage document agrees with the events
     return before + billed - quota
 
 
-# A prompt whose real token count (the fake's tokenizer counts the JSON too) is above the
-# proxy's estimate, so each admitted request uses more than it reserved: the worst case.
-CONTENT = "x" * 400
-RESERVATION = 100 + 5  # ceil(404 characters / 4) + max_tokens
+CONTENT = "Write a limerick about python exceptions."
 
 
-def test_64_concurrent_requests_near_the_free_quota(proxy: Proxy, key: ApiKey, db, capsys):
-    before = 9_550  # 450 left: room for four reservations
+@pytest.mark.parametrize("max_tokens", [100, None], ids=["max_tokens=100", "no-limit"])
+def test_64_concurrent_requests_never_pass_a_blocking_quota(proxy: Proxy, key: ApiKey, db,
+                                                            capsys, max_tokens):
+    """A Free user with 450 tokens left; 64 concurrent streams to an upstream that uses its
+    whole output budget. The proxy clamps each request's output limit to what is left, so
+    the provider itself stops at the quota: zero overshoot."""
+    before = 9_550
     set_plan(db, key.user_id, "free", tokens_used=before)
-    admitted, refused = asyncio.run(_storm([proxy.url], key, 64, 5, CONTENT))
+    admitted, refused = asyncio.run(_storm([proxy.url], key, 64, max_tokens, CONTENT))
     assert admitted >= 1 and refused >= 50
     over = overshoot(db, key, 10_000, before, admitted)
-    assert over <= RESERVATION
+    assert over <= 0
     with capsys.disabled():
-        print(f"\n64 concurrent, one instance: {admitted} admitted, {refused} refused, "
-              f"billed beyond quota: {over} tokens (bound: {RESERVATION})")
+        print(f"\n64 concurrent ({max_tokens=}), one instance: {admitted} admitted, "
+              f"{refused} refused, billed beyond quota: {over} tokens")
 
 
 def test_two_instances_share_one_quota(tmp_path, mongo_uri: str, upstream: FakeUpstream,
@@ -180,18 +186,54 @@ def test_two_instances_share_one_quota(tmp_path, mongo_uri: str, upstream: FakeU
     try:
         before = 3_000  # quota-test: 5,000 a month, blocked after
         set_plan(db, key.user_id, "quota-test", tokens_used=before)
-        admitted, refused = asyncio.run(_storm([first.url, second.url], key, 64, 5, CONTENT))
+        admitted, refused = asyncio.run(_storm([first.url, second.url], key, 64, 60,
+                                               CONTENT))
         over = overshoot(db, key, 5_000, before, admitted)
-        # leases are taken in slices of 5 % of the quota (250): an instance may be left
-        # holding part of one it cannot use while the other runs dry
-        assert refused > 0 and admitted >= (2_000 - 2 * 250) // RESERVATION
-        assert over <= 2 * RESERVATION  # one reservation per instance
+        assert refused > 0 and admitted >= 5
+        assert over <= 0
         with capsys.disabled():
             print(f"\n64 concurrent over two instances: {admitted} admitted, {refused} "
-                  f"refused, billed beyond quota: {over} tokens (bound: {2 * RESERVATION})")
+                  f"refused, billed beyond quota: {over} tokens")
     finally:
         stop_proxy(first)
         stop_proxy(second)
+
+
+def test_a_request_that_can_never_fit_is_not_retried(proxy: Proxy, key: ApiKey, db,
+                                                     upstream: FakeUpstream, test_id: str):
+    """Its minimum exceeds the plan's TPM: 429 with x-should-retry: false, which the
+    openai and anthropic SDKs honour (they would otherwise retry for minutes)."""
+    set_plan(db, key.user_id, "free")
+    huge = "word " * 6_000  # ~7,500 tokens estimated: Free allows 1,000 per minute
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key.token, max_retries=5)
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model="gpt-4o-mini",
+                                       messages=[{"role": "user", "content": huge}],
+                                       extra_headers={"X-Test-Id": test_id})
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert time.monotonic() - started < 2  # one attempt, no backoff
+    anthropic_sdk = anthropic.Anthropic(base_url=proxy.url, api_key=key.token, max_retries=5)
+    started = time.monotonic()
+    with pytest.raises(anthropic.RateLimitError):
+        anthropic_sdk.messages.create(model="claude-opus-4-7", max_tokens=10,
+                                      messages=[{"role": "user", "content": huge}])
+    assert time.monotonic() - started < 2
+    assert test_id not in upstream.exchanges
+
+
+def test_a_clamping_plan_lowers_the_output_limit_to_what_is_left(
+        proxy: Proxy, key: ApiKey, db, upstream: FakeUpstream, test_id: str):
+    set_plan(db, key.user_id, "free", tokens_used=9_700)  # 300 left
+    client = openai_client(proxy, key.token)
+    client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=1_000,
+                                   extra_headers={"X-Test-Id": test_id,
+                                                  "X-Fake-Scenario": "greedy"})
+    sent = json.loads(upstream.exchange(test_id).body)
+    assert 1 <= sent["max_tokens"] < 300
+    [event] = wait_for_events(db, key.user_id, 1)
+    assert 9_700 + event["tokens_billed"] <= 10_000
+    assert event["completion_n"] == sent["max_tokens"]
 
 
 def test_quota_survives_a_restart(tmp_path, mongo_uri: str, upstream: FakeUpstream,

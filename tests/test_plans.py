@@ -13,10 +13,8 @@ from llm_billing.core.config import ConfigError, parse_config
 from llm_billing.core.dates import openai_duration
 from llm_billing.core.plans import (
     TokenBucket,
-    output_limit,
     overage_split,
     parse_plans,
-    reservation,
 )
 
 
@@ -57,16 +55,6 @@ def test_plan_errors(plans, message):
                                                   for k, v in fields.items())
     with pytest.raises(ConfigError, match=message):
         parse_config(text, {})
-
-
-def test_reservation_is_prompt_estimate_plus_output_limit():
-    assert output_limit({"max_tokens": 7}) == 7
-    assert output_limit({"max_completion_tokens": 9}) == 9
-    assert output_limit({"max_output_tokens": 11}) == 11
-    assert output_limit({"generationConfig": {"maxOutputTokens": 13}}) == 13
-    assert output_limit({"max_tokens": True}) is None
-    assert reservation(10, 7, 256) == 3 + 7
-    assert reservation(10, None, 256) == 3 + 256
 
 
 def test_token_bucket_refills_and_carries_debt():

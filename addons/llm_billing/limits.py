@@ -1,18 +1,21 @@
 """Limits addon: monthly token quotas and tokens-per-minute, checked before a request
 runs and settled to its real usage after.
 
-Before (``request``): hold an estimate — the prompt's tokens estimated from its text plus
-its output limit (or ``reserve_output_tokens``) — against the user's TPM bucket and, for
-a plan that blocks at its quota, against this instance's lease of the monthly quota (see
-quota.py). Refused: 429 in the caller's format with ``Retry-After``. After (``response``
-/ ``error``): the hold is replaced by what the request was billed. Every response to a
-limited plan carries OpenAI's ``x-ratelimit-*-tokens`` headers.
+Before (``request``): the request's need (core/admission.py) is taken from the user's TPM
+bucket at once — before anything is awaited, so concurrent requests see each other — and
+then held against this instance's lease of a blocking plan's monthly quota (ledger.py).
+A plan that clamps lowers the request's output limit to what fits; a request that can
+never fit gets a 429 the SDKs do not retry (``x-should-retry: false``); one that must
+wait for the bucket gets a 429 with ``Retry-After``. After (``settled``, from the Settle
+addon): the hold becomes what the request was billed. Every response to a limited plan
+carries OpenAI's ``x-ratelimit-*-tokens`` headers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
@@ -25,10 +28,11 @@ from mitmproxy import ctx, http
 from pymongo.errors import PyMongoError
 
 from . import context
+from .core.admission import Need, need_of, set_output_limit
 from .core.dates import month_of, openai_duration, seconds_to_next_month
 from .core.events import tokens_billed
 from .core.outcome import Outcome
-from .core.plans import Plan, TokenBucket, reservation
+from .core.plans import Plan, TokenBucket
 from .errors import error_response
 from .settings import Settings
 from .storage.database import Database
@@ -36,12 +40,15 @@ from .storage.ledger import Account, QuotaLedger
 
 logger = logging.getLogger(__name__)
 
+OPENAI_HOST = "api.openai.com"
+
 
 @dataclass(slots=True)
 class Hold:
     account: Account
-    tokens: int
+    tokens: int  # held against the account (prompt bound + output)
     bucket: TokenBucket | None
+    bucket_tokens: int  # taken from the bucket (prompt estimate + output)
 
 
 class Limits:
@@ -75,39 +82,72 @@ class Limits:
             return
         config = self.settings.config
         assert config is not None
+        body, rc.body = rc.body or {}, None
         plan = rc.plan or config.plan(None)
-        tokens = reservation(rc.prompt_chars, rc.output_limit, config.reserve_output_tokens)
+        need = need_of(body, rc.protocol, plan, rc.prompt_tokens, rc.prompt_bound,
+                       config.reserve_output_tokens)
         now_mono, now = time.monotonic(), datetime.now(UTC)
         bucket = self._bucket(rc.caller.user_id, plan, now_mono)
-        fmt = rc.protocol.error_format
-        if bucket is not None and (wait := bucket.wait_for(tokens, now_mono)) > 0:
-            if math.isinf(wait):
-                message = (f"Request too large for plan {plan.name}: it may use {tokens} "
-                           f"tokens, the limit is {plan.tokens_per_minute} tokens per minute.")
-                wait = 60.0
-            else:
+        output = need.output
+        if bucket is not None:
+            if need.minimum > bucket.capacity:
+                return self._never_fits(
+                    flow, rc, bucket, now_mono,
+                    f"Request too large for plan {plan.name}: it needs at least "
+                    f"{need.minimum} tokens, the limit is {plan.tokens_per_minute} tokens per "
+                    "minute. Shorten the prompt or lower the output limit.",
+                    "rate_limit_exceeded", 60)
+            if plan.clamps:
+                output = min(output, bucket.capacity - need.prompt)
+            if (wait := bucket.wait_for(need.prompt + output, now_mono)) > 0:
                 message = (f"Rate limit reached on tokens per minute (TPM): limit "
-                           f"{plan.tokens_per_minute}, requested {tokens}. Please try again "
-                           f"in {openai_duration(wait)}.")
-            self._refuse(flow, fmt, message, "rate_limit_exceeded", wait, bucket, now_mono)
-            return
+                           f"{plan.tokens_per_minute}, requested {need.prompt + output}. "
+                           f"Please try again in {openai_duration(wait)}.")
+                self._refuse(flow, rc, message, "rate_limit_exceeded", wait, bucket, now_mono)
+                return
+            bucket.take(need.prompt + output, now_mono)  # before any await: see module doc
         account = self.ledger.account(rc.caller.user_id, month_of(now), plan)
         try:
-            admitted = await self.ledger.reserve(account, tokens)
+            held = await self.ledger.reserve(account, need.prompt_bound + output,
+                                             need.prompt_bound + min(output, need.least_output))
         except PyMongoError as e:  # a blocking plan's quota can't be checked: fail closed
+            self._undo(account, bucket, need.prompt + output)
             logger.warning(f"Quota check failed ({type(e).__name__}) for {account.key}")
-            flow.response = error_response(
-                fmt, 503, "Usage limits are temporarily unavailable; retry shortly.")
+            flow.response = error_response(rc.protocol.error_format, 503,
+                                           "Usage limits are temporarily unavailable; retry "
+                                           "shortly.")
             return
-        if not admitted:
-            message = (f"You exceeded your monthly quota of {plan.monthly_tokens} tokens "
-                       f"on plan {plan.name}. Upgrade your plan to continue.")
-            self._refuse(flow, fmt, message, "insufficient_quota",
-                         seconds_to_next_month(now), bucket, now_mono)
+        if not held:
+            self._undo(account, bucket, need.prompt + output)
+            return self._never_fits(
+                flow, rc, bucket, now_mono,
+                f"You exceeded your monthly quota of {plan.monthly_tokens} tokens on plan "
+                f"{plan.name}. Upgrade your plan to continue.", "insufficient_quota",
+                seconds_to_next_month(now))
+        taken = need.prompt + output
+        if plan.blocks_at_quota:
+            output = min(output, held - need.prompt_bound)
+        if bucket is not None and need.prompt + output < taken:  # clamped: give the rest back
+            bucket.adjust(need.prompt + output - taken, now_mono)
+        rc.hold = Hold(account, held, bucket, need.prompt + output)
+        self._apply_output_limit(flow, rc, body, need, plan, output)
+
+    def _apply_output_limit(self, flow: http.HTTPFlow, rc: context.RequestContext,
+                            body: dict[str, Any], need: Need, plan: Plan, output: int) -> None:
+        """The request may use only what it holds: say so in the request itself."""
+        if not (plan.blocks_at_quota or output < need.output) or not body:
             return
+        if need.limited and output >= need.output:
+            return
+        assert rc.backend is not None
+        set_output_limit(body, rc.protocol, output, openai_native=rc.backend.host == OPENAI_HOST)
+        flow.request.content = json.dumps(body, ensure_ascii=False).encode()
+        rc.clamped_output = output
+
+    def _undo(self, account: Account, bucket: TokenBucket | None, tokens: int) -> None:
+        self.ledger.release(account)
         if bucket is not None:
-            bucket.take(tokens, now_mono)
-        rc.hold = Hold(account, tokens, bucket)
+            bucket.adjust(-tokens, time.monotonic())
 
     def _bucket(self, user_id: Any, plan: Plan, now: float) -> TokenBucket | None:
         if not plan.tokens_per_minute:
@@ -117,9 +157,18 @@ class Limits:
             bucket = self.buckets[user_id] = TokenBucket(plan.tokens_per_minute, now)
         return bucket
 
-    def _refuse(self, flow: http.HTTPFlow, fmt: str, message: str, code: str, wait: float,
-                bucket: TokenBucket | None, now: float) -> None:
-        flow.response = error_response(fmt, 429, message, code)
+    def _never_fits(self, flow: http.HTTPFlow, rc: context.RequestContext,
+                    bucket: TokenBucket | None, now: float, message: str, code: str,
+                    wait: float) -> None:
+        """A 429 that retrying cannot cure: the openai and anthropic SDKs honour
+        ``x-should-retry: false`` and give up at once instead of retrying for minutes."""
+        self._refuse(flow, rc, message, code, wait, bucket, now)
+        assert flow.response is not None
+        flow.response.headers["x-should-retry"] = "false"
+
+    def _refuse(self, flow: http.HTTPFlow, rc: context.RequestContext, message: str,
+                code: str, wait: float, bucket: TokenBucket | None, now: float) -> None:
+        flow.response = error_response(rc.protocol.error_format, 429, message, code)
         flow.response.headers["retry-after"] = str(max(1, math.ceil(wait)))
         if bucket is not None:
             _rate_headers(flow.response, bucket, now)
@@ -138,7 +187,7 @@ class Limits:
         used = math.ceil(tokens_billed(rc, outcome))
         self.ledger.settle(hold.account, hold.tokens, used, outcome.usage)
         if hold.bucket is not None:
-            hold.bucket.adjust(used - hold.tokens, time.monotonic())
+            hold.bucket.adjust(used - hold.bucket_tokens, time.monotonic())
 
 
 def _rate_headers(response: http.Response, bucket: TokenBucket, now: float) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 from mitmproxy import http
 
 from . import context
+from .core.admission import prompt_bound
 from .core.config import Backend, Config
-from .core.estimate import prompt_chars
-from .core.plans import output_limit
+from .core.estimate import estimate_tokens, prompt_chars
 from .core.usage import parse_json
 from .errors import error_response
 from .settings import Settings
@@ -93,8 +93,10 @@ class Router:
         ctx.plan_id = ctx.plan.id if ctx.plan else config.default_plan
         ctx.stream = ctx.route.streaming_path or body.get("stream") is True
         ctx.prompt_chars = prompt_chars(body)
-        ctx.output_limit = output_limit(body)
+        ctx.prompt_tokens = estimate_tokens(ctx.prompt_chars)
         ctx.request_bytes = len(flow.request.raw_content or b"")
+        ctx.prompt_bound = prompt_bound(body, len(flow.request.content or b""))
+        ctx.body = body  # the limits may set its output limit
         if ctx.protocol.accepts_stream_options and inject_include_usage(body):
             ctx.usage_injected = True
             flow.request.content = json.dumps(body, ensure_ascii=False).encode()

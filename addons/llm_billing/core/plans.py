@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from .estimate import estimate_tokens
 from .validation import ConfigValueError, non_negative_decimal, non_negative_int
 
 BLOCKED = "blocked"
+CLAMP, REFUSE = "clamp", "refuse"
 
 
 class PlanError(ConfigValueError):
@@ -31,6 +31,14 @@ class Plan:
     tokens_per_minute: int  # 0: unlimited
     overage: str  # "blocked", or the decimal price per token past the quota
     stripe_price: str | None = None
+    # A request that would not fit (quota left, TPM capacity): "clamp" its output limit to
+    # what fits, or "refuse" it. Default: clamp on plans that block at their quota.
+    when_over: str = ""
+    default_output_limit: int = 4096  # the output limit a clamped request gets if it had none
+
+    @property
+    def clamps(self) -> bool:
+        return (self.when_over or (CLAMP if self.blocks_at_quota else REFUSE)) == CLAMP
 
     @property
     def blocks_at_quota(self) -> bool:
@@ -64,7 +72,8 @@ def parse_plan(plan_id: str, item: Any) -> Plan:
     where = f"plans.{plan_id}"
     if not isinstance(item, dict):
         raise PlanError(f"{where}: must be a table")
-    known = {"name", "price", "monthly_tokens", "tokens_per_minute", "overage", "stripe_price"}
+    known = {"name", "price", "monthly_tokens", "tokens_per_minute", "overage", "stripe_price",
+             "when_over", "default_output_limit"}
     if unknown := set(item) - known:
         raise PlanError(f"{where}: unknown field {sorted(unknown)[0]!r}")
     overage = str(item.get("overage", BLOCKED))
@@ -73,13 +82,19 @@ def parse_plan(plan_id: str, item: Any) -> Plan:
     stripe_price = item.get("stripe_price")
     if stripe_price is not None and not isinstance(stripe_price, str):
         raise PlanError(f"{where}.stripe_price: must be a string")
+    when_over = item.get("when_over", "")
+    if when_over not in ("", CLAMP, REFUSE):
+        raise PlanError(f"{where}.when_over: must be {CLAMP!r} or {REFUSE!r}")
+    default_output = non_negative_int(item.get("default_output_limit", 4096),
+                                      f"{where}.default_output_limit")
     return Plan(
         id=plan_id, name=str(item.get("name", plan_id)),
         price=non_negative_decimal(item.get("price", "0"), f"{where}.price"),
         monthly_tokens=_count(item.get("monthly_tokens", 0), f"{where}.monthly_tokens"),
         tokens_per_minute=_count(item.get("tokens_per_minute", 0),
                                  f"{where}.tokens_per_minute"),
-        overage=overage, stripe_price=stripe_price,
+        overage=overage, stripe_price=stripe_price, when_over=when_over,
+        default_output_limit=default_output,
     )
 
 
@@ -92,26 +107,6 @@ def parse_plans(data: Any) -> dict[str, Plan]:
 
 
 # --- Reservations ------------------------------------------------------------------------
-
-OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-
-
-def output_limit(body: dict[str, Any]) -> int | None:
-    """The most output a request may produce, when it says so."""
-    generation = body.get("generationConfig")
-    candidates = [body.get(f) for f in OUTPUT_LIMIT_FIELDS]
-    if isinstance(generation, dict):
-        candidates.append(generation.get("maxOutputTokens"))
-    return next((v for v in candidates
-                 if isinstance(v, int) and not isinstance(v, bool) and v >= 0), None)
-
-
-def reservation(prompt_chars: int, limit: int | None, default_output: int) -> int:
-    """Tokens to hold for a request before it runs: its prompt, estimated from the text,
-    plus the most output it may produce (its own limit, else ``default_output``)."""
-    return estimate_tokens(prompt_chars) + (default_output if limit is None else limit)
-
-
 
 def overage_split(before: int, added: int, quota: int) -> int:
     """How many of ``added`` tokens fall past ``quota`` when the total was ``before``."""

@@ -39,7 +39,10 @@ class RequestContext:
     stream: bool = False
     usage_injected: bool = False  # we added stream_options.include_usage; hide its chunk
     prompt_chars: int = 0  # characters of prompt text, for estimates only
-    output_limit: int | None = None  # the request's max_tokens (or equivalent)
+    prompt_tokens: int = 0  # estimated prompt tokens (what tokens-per-minute holds)
+    prompt_bound: int = 0  # at most this many prompt tokens (what a blocking quota holds)
+    body: dict[str, Any] | None = None  # the parsed request, until the limits are applied
+    clamped_output: int | None = None  # the output limit the limits gave the request
     request_bytes: int = 0
     plan: Plan | None = None  # the user's plan (UserPlans)
     hold: Any = None  # the Limits addon's reservation for this request
@@ -47,6 +50,9 @@ class RequestContext:
     meter: StreamMeter | None = None
     outcome: Outcome | None = None  # set once, by the Settle addon
     sending: bool = False  # request hook done, response headers not yet in
+    # Non-streamed: if the client leaves once the request went upstream, the answer is still
+    # read and billed (finish_upstream.py); no ``error`` fires for the client's leaving.
+    finish_upstream: bool = False
     intent: Any = None  # the journal segment holding its provisional event
 
     @property

@@ -5,9 +5,17 @@ the settled tokens by class, the overage, and the *leases*: slices of a blocking
 remaining quota that each instance took for itself. An instance admits requests against
 its own lease in memory, so the request path never waits on the database except to take
 a new slice when its lease runs out; the database never grants more than the quota minus
-what is used and leased elsewhere. Settled usage is written in the background with
-atomic ``$inc``, moving tokens from the instance's lease into ``tokens``. Overshoot is
-therefore limited to requests that use more than they reserved.
+what is used and leased elsewhere.
+
+Settled usage is written in the background, one ``UsageWrite`` at a time per account: its
+tokens, classes, request count, overage split and the lease it consumes go to the
+database in **one** compare-and-set update (on the document's ``version``), which also
+records the write's sequence number under ``writes.<instance>``. A write whose reply was
+lost is retried as it was, and recognised as applied by that number: nothing is counted
+twice, and no part of a write (the overage, say) can be lost on its own.
+
+An account stays in memory while any request holds it (``holds``) or anything of it is
+unwritten; it is dropped only when all of that is zero, checked right before the drop.
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ from decimal import Decimal
 from typing import Any
 
 from bson import Decimal128
-from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ..core.dates import aware
@@ -41,6 +48,16 @@ def usage_id(user_id: Any, month: str) -> str:
     return f"{user_id}:{month}"
 
 
+@dataclass(frozen=True, slots=True)
+class UsageWrite:
+    """Settled usage on its way to ``billing.usage``, retried unchanged until applied."""
+
+    sequence: int  # this instance's write number for the account
+    tokens: int
+    requests: int
+    classes: dict[str, int]
+
+
 @dataclass(slots=True)
 class Account:
     """One user's month, as this instance sees it."""
@@ -50,15 +67,24 @@ class Account:
     plan: Plan
     lease: int = 0  # granted to this instance (equals its lease in the database)
     reserved: int = 0  # held by requests in flight
-    unflushed: int = 0  # settled tokens not yet written
+    holds: int = 0  # requests between ``account()`` and ``settle``/``release``
+    unflushed: int = 0  # settled tokens not yet written (pending write included)
     unflushed_usage: dict[str, int] = field(default_factory=dict)
     unflushed_requests: int = 0
+    pending: UsageWrite | None = None  # taken from unflushed, not yet known applied
+    written: int = 0  # sequence of the last write known applied
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def key(self) -> str:
         return usage_id(self.user_id, self.month)
+
+    def droppable(self, now: float) -> bool:
+        """Nothing of this account lives only here, and no request holds it."""
+        return (self.holds == 0 and self.reserved == 0 and self.lease == 0
+                and self.unflushed == 0 and self.unflushed_requests == 0
+                and self.pending is None and now - self.last_used > IDLE_RELEASE)
 
 
 class QuotaLedger:
@@ -68,33 +94,46 @@ class QuotaLedger:
         self.accounts: dict[tuple[Any, str], Account] = {}
 
     def account(self, user_id: Any, month: str, plan: Plan) -> Account:
+        """The account a request will reserve against; held until ``settle``/``release``."""
         account = self.accounts.get((user_id, month))
         if account is None:
             account = self.accounts[(user_id, month)] = Account(user_id, month, plan)
         account.plan = plan  # a plan change applies from the next request
         account.last_used = time.monotonic()
+        account.holds += 1
         return account
 
-    async def reserve(self, account: Account, tokens: int) -> bool:
-        """Hold ``tokens`` for a request; False when a blocking plan's quota can't."""
+    def release(self, account: Account) -> None:
+        """A request refused before it reserved anything lets go of its account."""
+        account.holds -= 1
+
+    async def reserve(self, account: Account, tokens: int, minimum: int | None = None) -> int:
+        """Hold up to ``tokens`` (at least ``minimum``, default all) for a request; the
+        amount held, or 0 when a blocking plan's quota can't cover the minimum."""
+        minimum = tokens if minimum is None else min(minimum, tokens)
         if not account.plan.blocks_at_quota:
             account.reserved += tokens
-            return True
+            return tokens
         if account.reserved + account.unflushed + tokens <= account.lease:
             account.reserved += tokens  # the hot path: inside this instance's lease
-            return True
+            return tokens
         async with account.lock:
             while True:
-                shortfall = account.reserved + account.unflushed + tokens - account.lease
-                if shortfall <= 0:
+                room = account.lease - account.reserved - account.unflushed
+                if room >= tokens:
                     account.reserved += tokens
-                    return True
-                if not await self._extend_lease(account, shortfall):
-                    return False
+                    return tokens
+                if not await self._extend_lease(account, tokens - room, minimum - room):
+                    room = account.lease - account.reserved - account.unflushed
+                    if room >= minimum:  # what is left of the quota: the request is clamped
+                        account.reserved += room
+                        return room
+                    return 0
 
     def settle(self, account: Account, reserved: int, used: int, usage: Usage | None) -> None:
         """A request finished: release its hold, count what it really used."""
         account.reserved -= reserved
+        account.holds -= 1
         account.unflushed += used
         account.unflushed_requests += 1
         if usage is not None:
@@ -105,8 +144,10 @@ class QuotaLedger:
     async def _collection(self):
         return (await self.database.client()).billing.usage
 
-    async def _extend_lease(self, account: Account, shortfall: int) -> bool:
-        """Take a slice of the remaining quota for this instance (compare-and-set)."""
+    async def _extend_lease(self, account: Account, shortfall: int, least: int) -> bool:
+        """Take a slice of the remaining quota for this instance (compare-and-set): at
+        least ``shortfall`` tokens, or — when less is left — all that is left if that is
+        at least ``least``. False when nothing was granted."""
         quota = account.plan.monthly_tokens
         usage = await self._collection()
         for _ in range(CAS_ATTEMPTS):
@@ -118,7 +159,7 @@ class QuotaLedger:
                 if instance != self.instance and aware(lease.get("expires")) > now)
             mine = max(0, doc.get("leases", {}).get(self.instance, {}).get("amount", 0))
             available = quota - doc.get("tokens", 0) - leased_elsewhere - mine
-            if available < shortfall:
+            if available < shortfall and (available < max(least, 1)):
                 return False
             grant = min(available, max(shortfall, quota // 20))
             # compare-and-set on "version" ($exists, not null: an upsert copies equalities)
@@ -134,59 +175,89 @@ class QuotaLedger:
                 continue  # another instance created the document first
             if result.matched_count or result.upserted_id is not None:
                 account.lease += grant
-                return True
+                return grant >= shortfall
         logger.warning(f"Quota lease for {account.key}: too much contention; refusing")
         return False
 
     async def flush(self) -> None:
-        """Write settled usage; hand idle leases back. Runs in the background."""
+        """Write settled usage; hand idle leases back; drop accounts with nothing left.
+        Runs in the background. One account's failure never stops the others'."""
         usage = await self._collection()
-        now = time.monotonic()
+        failed: Exception | None = None
         for key, account in list(self.accounts.items()):
-            idle = account.reserved == 0 and now - account.last_used > IDLE_RELEASE
-            if account.unflushed or account.unflushed_requests:
-                await self._write(usage, account)
-            elif idle and account.lease:  # a negative lease is an overshoot, now in tokens
-                await usage.update_one({"_id": account.key},
-                                       {"$inc": {f"leases.{self.instance}.amount":
-                                                 -account.lease}})
-                account.lease = 0
-            if idle and not account.lease and not account.unflushed:
+            try:
+                await self._flush_account(usage, account)
+            except PyMongoError as e:
+                failed = e
+            except Exception:  # e.g. a value BSON cannot encode: this account only
+                logger.exception(f"Usage write for {account.key} failed")
+            # Checked after every await above: a request may have taken it meanwhile.
+            if account.droppable(time.monotonic()) and self.accounts.get(key) is account:
                 del self.accounts[key]
+        if failed is not None:
+            raise failed
 
-    async def _write(self, usage, account: Account) -> None:
-        tokens, classes = account.unflushed, dict(account.unflushed_usage)
-        requests = account.unflushed_requests
-        inc: dict[str, Any] = {"tokens": tokens, "requests": requests,
-                               **{f"usage.{k}": v for k, v in classes.items()}}
-        update: dict[str, Any] = {"$inc": inc, "$setOnInsert": {"user_id": account.user_id,
-                                                                 "month": account.month}}
-        if account.plan.blocks_at_quota:  # the used tokens leave this instance's lease
-            inc[f"leases.{self.instance}.amount"] = -tokens
-            update["$set"] = {f"leases.{self.instance}.expires": datetime.now(UTC) + LEASE_TTL}
-        after = await usage.find_one_and_update({"_id": account.key}, update, upsert=True,
-                                                return_document=ReturnDocument.AFTER)
-        account.unflushed -= tokens
-        account.unflushed_requests -= requests
-        for name, value in classes.items():
-            account.unflushed_usage[name] -= value
-        if account.plan.blocks_at_quota:
-            account.lease -= tokens
-        await self._count_overage(usage, account, after["tokens"] - tokens, tokens)
-
-    async def _count_overage(self, usage, account: Account, before: int, added: int) -> None:
-        """Tokens of this write past the quota: exact however writes interleave, because
-        each write's before/after comes from its own atomic $inc."""
-        plan = account.plan
-        price = plan.overage_price
-        over = overage_split(before, added, plan.monthly_tokens)
-        if not over or price is None:
+    async def _flush_account(self, usage, account: Account) -> None:
+        if account.pending is None and (account.unflushed or account.unflushed_requests):
+            account.pending = UsageWrite(
+                account.written + 1, account.unflushed, account.unflushed_requests,
+                {k: v for k, v in account.unflushed_usage.items() if v})
+        if account.pending is not None:
+            await self._write(usage, account, account.pending)
             return
-        cost = Decimal128(Decimal(over) * price)
-        await usage.update_one({"_id": account.key}, {"$inc": {
-            "overage_tokens": over, "overage_cost": cost,
-            f"overage_by_plan.{plan.id}.tokens": over,
-            f"overage_by_plan.{plan.id}.cost": cost}})
+        idle = account.reserved == 0 and account.holds == 0 and \
+            time.monotonic() - account.last_used > IDLE_RELEASE
+        if idle and account.lease:  # a negative lease is an overshoot, now in tokens
+            lease = account.lease
+            await usage.update_one({"_id": account.key},
+                                   {"$inc": {f"leases.{self.instance}.amount": -lease}})
+            account.lease -= lease
+
+    async def _write(self, usage, account: Account, write: UsageWrite) -> None:
+        """Apply ``write`` in one compare-and-set update, or find it was applied."""
+        plan = account.plan
+        for _ in range(CAS_ATTEMPTS):
+            doc = await usage.find_one({"_id": account.key}) or {}
+            if doc.get("writes", {}).get(self.instance, 0) >= write.sequence:
+                break  # applied already: the reply of an earlier attempt was lost
+            update = self._update(account, plan, write, before=doc.get("tokens", 0))
+            version = doc.get("version", {"$exists": False})
+            try:
+                result = await usage.update_one({"_id": account.key, "version": version},
+                                                update, upsert=not doc)
+            except DuplicateKeyError:
+                continue
+            if result.matched_count or result.upserted_id is not None:
+                break
+        else:
+            raise UsageContention(f"usage write for {account.key}: too much contention")
+        account.pending = None
+        account.written = write.sequence
+        account.unflushed -= write.tokens
+        account.unflushed_requests -= write.requests
+        for name, value in write.classes.items():
+            account.unflushed_usage[name] -= value
+        if plan.blocks_at_quota:
+            account.lease -= write.tokens
+
+    def _update(self, account: Account, plan: Plan, write: UsageWrite,
+                before: int) -> dict[str, Any]:
+        inc: dict[str, Any] = {"tokens": write.tokens, "requests": write.requests, "version": 1,
+                               **{f"usage.{k}": v for k, v in write.classes.items()}}
+        now = datetime.now(UTC)
+        fields: dict[str, Any] = {f"writes.{self.instance}": write.sequence, "updated": now}
+        if plan.blocks_at_quota:  # the used tokens leave this instance's lease
+            inc[f"leases.{self.instance}.amount"] = -write.tokens
+            fields[f"leases.{self.instance}.expires"] = now + LEASE_TTL
+        # Exact however instances interleave: ``before`` is what this update changes.
+        over = overage_split(before, write.tokens, plan.monthly_tokens)
+        if over and plan.overage_price is not None:
+            cost = Decimal128(Decimal(over) * plan.overage_price)
+            inc |= {"overage_tokens": over, "overage_cost": cost,
+                    f"overage_by_plan.{plan.id}.tokens": over,
+                    f"overage_by_plan.{plan.id}.cost": cost}
+        return {"$inc": inc, "$set": fields,
+                "$setOnInsert": {"user_id": account.user_id, "month": account.month}}
 
     async def run(self, interval: float) -> None:
         while True:
@@ -209,3 +280,6 @@ class QuotaLedger:
         await self.flush()
         await self.flush()  # the second pass hands back leases emptied by the first
 
+
+class UsageContention(PyMongoError):
+    """Other instances kept changing the document; the write is retried next flush."""

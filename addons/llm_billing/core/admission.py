@@ -1,0 +1,124 @@
+"""What a request may use before it runs (sans-I/O): its output limit in every provider's
+dialect, and how much of a plan's tokens it must hold.
+
+A request holds its prompt plus the most output it may produce. Against tokens per minute
+the prompt counts as estimated; against a blocking quota it counts as an *upper bound*
+(``prompt_bound``: every token is at least one byte), so that on a plan that blocks at
+its quota the provider can never be asked for more than is left: when the request would
+not fit, a plan that clamps lowers the request's output limit — adding one when it had
+none — to what fits, and the provider itself stops there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .plans import Plan
+from .usage import Protocol
+
+OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+ANTHROPIC_MIN_THINKING = 1024  # Anthropic's least thinking budget; max_tokens must exceed it
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
+def output_limit(body: dict[str, Any]) -> int | None:
+    """The most output a request may produce, when it says so."""
+    generation = body.get("generationConfig")
+    candidates = [body.get(f) for f in OUTPUT_LIMIT_FIELDS]
+    if isinstance(generation, dict):
+        candidates.append(generation.get("maxOutputTokens"))
+    return next((v for v in map(_count, candidates) if v is not None), None)
+
+
+def least_output(body: dict[str, Any], protocol: Protocol) -> int:
+    """The smallest output limit the provider accepts for this request."""
+    if protocol is Protocol.OPENAI_EMBEDDINGS:
+        return 0
+    thinking = body.get("thinking")
+    if protocol is Protocol.ANTHROPIC_MESSAGES and isinstance(thinking, dict) \
+            and thinking.get("type") == "enabled":
+        return ANTHROPIC_MIN_THINKING + 1
+    return 1
+
+
+def set_output_limit(body: dict[str, Any], protocol: Protocol, limit: int,
+                     openai_native: bool = False) -> None:
+    """Make ``limit`` the request's output limit, in its provider's field.
+
+    ``openai_native``: the backend is OpenAI's own API, where ``max_completion_tokens`` is
+    the field every chat model takes (self-hosted servers know ``max_tokens``)."""
+    match protocol:
+        case Protocol.OPENAI_EMBEDDINGS:
+            return
+        case Protocol.OPENAI_RESPONSES:
+            body["max_output_tokens"] = limit
+        case Protocol.GEMINI:
+            generation = body.get("generationConfig")
+            if not isinstance(generation, dict):
+                generation = body["generationConfig"] = {}
+            generation["maxOutputTokens"] = limit
+        case Protocol.OPENAI_CHAT:
+            present = [f for f in ("max_completion_tokens", "max_tokens") if f in body]
+            for name in present or ["max_completion_tokens" if openai_native else "max_tokens"]:
+                body[name] = limit
+        case Protocol.ANTHROPIC_MESSAGES:
+            body["max_tokens"] = limit
+            thinking = body.get("thinking")
+            if isinstance(thinking, dict) and (budget := _count(thinking.get("budget_tokens"))) \
+                    is not None and budget >= limit:
+                thinking["budget_tokens"] = max(ANTHROPIC_MIN_THINKING, limit - 1)
+        case _:
+            body["max_tokens"] = limit
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """What a request asks of its plan before it runs."""
+
+    prompt: int  # estimated prompt tokens
+    prompt_bound: int  # at most this many prompt tokens
+    output: int  # the output it may produce: its own limit, else a default
+    least_output: int  # below this the request is not worth sending (clamping plans)
+    limited: bool  # the request set its own output limit
+
+    @property
+    def minimum(self) -> int:
+        return self.prompt + self.least_output
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt + self.output
+
+
+def need_of(body: dict[str, Any], protocol: Protocol, plan: Plan, prompt: int,
+            prompt_bound: int, reserve_output: int) -> Need:
+    """The request's need under ``plan``: a clamping plan gives an unlimited request
+    ``default_output_limit``; else ``reserve_output`` is held for it."""
+    limit = output_limit(body)
+    least = least_output(body, protocol)
+    if protocol is Protocol.OPENAI_EMBEDDINGS:
+        output = 0
+    elif limit is not None:
+        output = limit
+    else:
+        output = plan.default_output_limit if plan.clamps else reserve_output
+    output = max(output, least) if plan.clamps else output
+    return Need(prompt, max(prompt, prompt_bound), output,
+                least if plan.clamps else output, limit is not None)
+
+
+CHAT_TEMPLATE_TOKENS = 8  # a chat template's special tokens per message, generously
+REQUEST_TEMPLATE_TOKENS = 16  # and per request (BOS, the assistant turn's header)
+
+
+def prompt_bound(body: dict[str, Any], body_bytes: int) -> int:
+    """At most this many prompt tokens: a token is at least one byte of the text, and the
+    request's JSON holds every byte of its text (plus the chat template's tokens)."""
+    messages = body.get("messages") or body.get("contents") or body.get("input")
+    turns = len(messages) if isinstance(messages, list) else 1
+    return body_bytes + CHAT_TEMPLATE_TOKENS * turns + REQUEST_TEMPLATE_TOKENS
