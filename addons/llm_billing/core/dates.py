@@ -25,9 +25,16 @@ def seconds_to_next_month(now: datetime) -> int:
 
 
 def openai_duration(seconds: float) -> str:
-    """OpenAI's ``x-ratelimit-reset-*`` format: ``1m30s``, ``6s``, ``120ms``."""
-    if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
-    minutes, rest = divmod(seconds, 60)
-    text = f"{int(minutes)}m" if minutes else ""
-    return text + (f"{rest:.3g}s" if rest or not minutes else "")
+    """OpenAI's ``x-ratelimit-reset-*`` format: ``1h2m3s``, ``1m30s``, ``6s``, ``1.25s``,
+    ``120ms``. Rounded first (to the millisecond below a second, else the centisecond),
+    then split, so no part ever reaches 60."""
+    seconds = max(0.0, seconds)
+    if (millis := round(seconds * 1000)) < 1000:
+        return f"{millis}ms"
+    centis = round(seconds * 100)  # from the input, not from millis: one rounding only
+    minutes, centis = divmod(centis, 6000)
+    hours, minutes = divmod(minutes, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    if centis or not text:
+        text += f"{centis / 100:.2f}".rstrip("0").rstrip(".") + "s"
+    return text
