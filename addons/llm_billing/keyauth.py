@@ -4,7 +4,10 @@ Accepts ``Authorization: Bearer <token>`` (seed 002) and ``X-API-Key: <token>`` 
 also what the Anthropic SDK sends). The token's SHA-256 hex is looked up in
 ``cgc.api_keys`` with seed 002's query. Results are cached (positive and negative); an
 expired entry is served while one background refresh runs, so after the first request of
-a key the hot path never waits on the database.
+a key the hot path never waits on the database. Unknown keys are cached apart from valid
+ones, so a spray of them never evicts a valid key; and a client address may only make
+``unknown_key_lookups_per_minute`` database lookups of keys that turn out unknown — past
+that, a lookup the cache cannot answer gets 429 with ``Retry-After``, without a query.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +26,7 @@ from pymongo.errors import PyMongoError
 
 from . import context
 from .context import Caller
+from .core.client_limit import ClientRate, client_network
 from .core.config import Config
 from .core.usage import Protocol
 from .errors import error_response
@@ -32,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 CLIENT_KEY_QUERY = "key"  # Gemini clients may send ?key=
+UNKNOWN_KEY_LOOKUPS_PER_MINUTE = 60  # per client address; cached unknown keys are free
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,16 +83,29 @@ def strip_client_key(request: http.Request) -> None:
 
 
 class KeyAuth:
-    def __init__(self, database: Database, settings: Settings) -> None:
+    def __init__(self, database: Database, settings: Settings, max_keys: int = 100_000,
+                 max_unknown_keys: int = 10_000) -> None:
         self.database = database
         self.settings = settings
-        self._cache: RefreshingCache[str, _KeyRecord] = RefreshingCache(self._fetch)
+        self._cache: RefreshingCache[str, _KeyRecord] = RefreshingCache(
+            self._fetch, max_keys, is_miss=lambda record: record.caller is None,
+            max_misses=max_unknown_keys)
+        self._unknown_lookups = ClientRate(UNKNOWN_KEY_LOOKUPS_PER_MINUTE)
 
     def load(self, loader) -> None:
         loader.add_option("key_cache_ttl", int, 30, "Seconds a key lookup stays fresh.")
         loader.add_option(
             "key_cache_negative_ttl", int, 5, "Seconds an unknown key stays cached."
         )
+        loader.add_option(
+            "unknown_key_lookups_per_minute", int, UNKNOWN_KEY_LOOKUPS_PER_MINUTE,
+            "Database lookups of unknown keys a client address (IPv6: /64) may make per "
+            "minute, in bursts of as many; past that, uncached keys get 429. 0: no limit. "
+            "Behind a load balancer every client shares its address.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "unknown_key_lookups_per_minute" in updated:
+            self._unknown_lookups.per_minute = ctx.options.unknown_key_lookups_per_minute
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if context.of(flow):
@@ -109,13 +129,27 @@ class KeyAuth:
                 fmt, 401, "Missing API key: send 'Authorization: Bearer <key>' or "
                 "'X-API-Key: <key>'.", "missing_api_key")
             return
+        secret = token_hash(token)
+        client = client_network(flow.client_conn.peername[0]) \
+            if flow.client_conn.peername else ""
+        counted = self._cache.needs_load(secret)  # only lookups that query cost anything
+        if counted and (wait := self._unknown_lookups.take(client, time.monotonic())) > 0:
+            flow.response = error_response(
+                fmt, 429, "Too many requests with unknown API keys from this address; "
+                "retry later.", "rate_limit_exceeded")
+            flow.response.headers["retry-after"] = str(max(1, math.ceil(wait)))
+            return
         try:
-            caller = await self.lookup(token_hash(token))
+            caller = await self.lookup(secret)
         except PyMongoError as e:
+            if counted:  # not an unknown key
+                self._unknown_lookups.give_back(client, time.monotonic())
             logger.warning(f"API key lookup failed: {type(e).__name__}")
             flow.response = error_response(
                 fmt, 503, "Authentication is temporarily unavailable; retry shortly.")
             return
+        if counted and caller is not None:  # a valid key's lookup does not count
+            self._unknown_lookups.give_back(client, time.monotonic())
         if caller is None:
             flow.response = error_response(
                 fmt, 401, "Invalid or expired API key.", "invalid_api_key")

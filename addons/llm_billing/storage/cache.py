@@ -3,7 +3,9 @@
 Each key is fetched once (concurrent callers share the query), kept for a TTL, and once
 stale it is still served while a single background refresh runs — so after the first
 request for a key, callers never wait on the database. A failed refresh keeps serving the
-stale value. Size is bounded: stale entries go first, then everything.
+stale value. Size is bounded: the least recently used entry goes (O(1)). Values that
+``is_miss`` (e.g. "no such key") live in their own smaller LRU, so a spray of unknown keys
+only ever evicts other misses, never a valid key.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pymongo.errors import PyMongoError
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(slots=True)
@@ -29,16 +31,20 @@ class _Entry[V]:
 
 class RefreshingCache[K, V]:
     def __init__(self, load: Callable[[K], Awaitable[tuple[V, float]]],
-                 max_entries: int = 100_000) -> None:
-        """``load(key)`` returns the value and how many seconds it stays fresh."""
+                 max_entries: int = 100_000, *, is_miss: Callable[[V], bool] | None = None,
+                 max_misses: int = 10_000) -> None:
+        """``load(key)`` returns the value and how many seconds it stays fresh; values that
+        ``is_miss`` count against ``max_misses`` instead of ``max_entries``."""
         self._load = load
-        self._max = max_entries
-        self._entries: dict[K, _Entry[V]] = {}
+        self._is_miss = is_miss
+        self._hits: OrderedDict[K, _Entry[V]] = OrderedDict()  # least recently used first
+        self._misses: OrderedDict[K, _Entry[V]] = OrderedDict()
+        self._max_hits, self._max_misses = max_entries, max_misses
         self._inflight: dict[K, asyncio.Future[_Entry[V]]] = {}
         self._tasks: set[asyncio.Task] = set()
 
     async def get(self, key: K) -> V:
-        entry = self._entries.get(key)
+        entry = self._touch(key)
         if entry is None:
             entry = await self._fetch_once(key)
         elif entry.fresh_until < time.monotonic() and not entry.refreshing:
@@ -48,8 +54,30 @@ class RefreshingCache[K, V]:
             task.add_done_callback(self._tasks.discard)
         return entry.value
 
+    def needs_load(self, key: K) -> bool:
+        """Whether ``get(key)`` would wait for a new query: no entry, none in flight."""
+        return key not in self._hits and key not in self._misses and key not in self._inflight
+
     def invalidate(self, key: K) -> None:
-        self._entries.pop(key, None)
+        self._hits.pop(key, None)
+        self._misses.pop(key, None)
+
+    def _touch(self, key: K) -> _Entry[V] | None:
+        for segment in (self._hits, self._misses):
+            if (entry := segment.get(key)) is not None:
+                segment.move_to_end(key)
+                return entry
+        return None
+
+    def _store(self, key: K, entry: _Entry[V]) -> None:
+        miss = self._is_miss is not None and self._is_miss(entry.value)
+        segment, other = (self._misses, self._hits) if miss else (self._hits, self._misses)
+        limit = self._max_misses if miss else self._max_hits
+        other.pop(key, None)  # e.g. a key created since it was looked up
+        segment[key] = entry
+        segment.move_to_end(key)
+        while len(segment) > limit:
+            segment.popitem(last=False)
 
     async def _refresh(self, key: K, stale: _Entry[V]) -> None:
         try:
@@ -66,9 +94,7 @@ class RefreshingCache[K, V]:
         try:
             value, ttl = await self._load(key)
             entry = _Entry(value, time.monotonic() + ttl)
-            if len(self._entries) >= self._max:
-                self._evict()
-            self._entries[key] = entry
+            self._store(key, entry)
             future.set_result(entry)
             return entry
         except BaseException as e:
@@ -77,9 +103,3 @@ class RefreshingCache[K, V]:
             raise
         finally:
             del self._inflight[key]
-
-    def _evict(self) -> None:
-        now = time.monotonic()
-        self._entries = {k: e for k, e in self._entries.items() if e.fresh_until >= now}
-        if len(self._entries) >= self._max:
-            self._entries.clear()
