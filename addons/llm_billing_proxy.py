@@ -8,6 +8,7 @@ Addons run in this order on each request; README.md ("How it works") walks throu
 from llm_billing import proxy_errors
 from llm_billing.defaults import ProxyDefaults
 from llm_billing.eventlog import EventLog
+from llm_billing.finish_upstream import FinishUpstream
 from llm_billing.keyauth import KeyAuth
 from llm_billing.limits import Limits
 from llm_billing.meter import Meter
@@ -38,6 +39,7 @@ addons = [
     CredentialRedactor(),
     Meter(),
     limits,  # after Router (request hook)
+    FinishUpstream(),  # after limits: a non-streamed answer is billed even if its client left
     event_log,
     Settle(limits, event_log),  # the one step that ends a request; feeds limits, then events
     StripeReporter(database, settings),

@@ -10,6 +10,7 @@ Scenarios, chosen by the ``X-Fake-Scenario`` request header:
   rest — proves the proxy does not buffer.
 - ``status-<code>``: answer with that HTTP error in the provider's error format.
 - ``cut``: stop mid-stream without usage or terminator, closing the connection.
+- ``held``: wait for ``release(test_id)`` before answering at all (not even headers).
 
 With an ``X-Replay: <case>`` header it sends a recorded response from ``tests/corpus``.
 """
@@ -20,6 +21,7 @@ import json
 import threading
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -366,6 +368,7 @@ class FakeUpstream:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, chunk_delay: float = 0.0):
         self.exchanges: dict[str, Exchange] = {}
         self.gates: dict[str, threading.Event] = {}
+        self.calls: Counter[str] = Counter()  # requests received, per test id
         self.chunk_delay = chunk_delay
         self._lock = threading.Lock()
         upstream = self
@@ -412,10 +415,13 @@ class _Handler(BaseHTTPRequestHandler):
         test_id = self.headers.get("x-test-id") or f"anon{time.monotonic_ns()}"
         ex = Exchange("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, raw)
         self.fake.exchanges[test_id] = ex
+        self.fake.calls[test_id] += 1
         body = json.loads(raw or b"{}")
         scenario = self.headers.get("x-fake-scenario", "")
         if scenario == "greedy":
             body[GREEDY] = True
+        if scenario == "held":
+            self.fake.gate(test_id).wait(30)
         path = self.path.partition("?")[0]
         if replay := self.headers.get("x-replay"):
             return self._replay(ex, load_case(replay))
