@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bson
 from mitmproxy import ctx, http
 from pymongo.errors import BulkWriteError, PyMongoError
 
@@ -36,6 +37,7 @@ COMPLETIONS = "events_completion"
 FAILED = "events_failed"
 INTENT = "intent"  # journal only: a request's provisional event
 DEAD_LETTER_FILE = "rejected-events.jsonl"
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's limit
 
 # collection, document, the journal segments holding it (and its provisional event)
 Queued = tuple[str, dict[str, Any], tuple[Segment | None, ...]]
@@ -51,6 +53,15 @@ def split_bulk_error(batch: list[dict], error: BulkWriteError) -> tuple[list[dic
             continue
         (rejected if code in (121, 2) else retry).append(batch[index])
     return retry, rejected
+
+
+def unstorable(doc: dict[str, Any]) -> str | None:
+    """Why the database can never take ``doc`` (e.g. an int beyond int64), or None."""
+    try:
+        size = len(bson.encode(doc))
+    except Exception as e:  # whatever BSON refuses
+        return f"{type(e).__name__}: {e}"
+    return f"{size} bytes" if size > MAX_DOCUMENT_BYTES else None
 
 
 class EventLog:
@@ -72,10 +83,15 @@ class EventLog:
             "event_shutdown_timeout", int, 10,
             "Seconds to keep writing at shutdown; what is left stays in the journal.",
         )
+        loader.add_option(
+            "event_journal_segment_events", int, 1000,
+            "Events per journal file; a file is deleted once all its events are stored.",
+        )
 
     def running(self) -> None:
         if self._writer is None:
-            self.journal = Journal(self._data_dir() / "journal")
+            self.journal = Journal(self._data_dir() / "journal",
+                                   ctx.options.event_journal_segment_events)
             self._writer = asyncio.create_task(self._run())
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -102,7 +118,10 @@ class EventLog:
         self.queue.put_nowait((collection, doc, (segment, intent)))
 
     async def _run(self) -> None:
-        await self._replay_journals()
+        try:
+            await self._replay_journals()
+        except Exception:  # a bug must not stop event writing; the files stay for next time
+            logger.exception("Journal replay failed")
         while True:
             # Visible to done() from the moment it leaves the queue.
             batch = self._in_flight = [await self.queue.get()]
@@ -126,8 +145,21 @@ class EventLog:
             self._in_flight = []
 
     async def write(self, batch: list[dict[str, Any]], collection: str = COMPLETIONS) -> None:
-        """Store ``batch`` in ``billing.<collection>``, retrying until the database takes it
-        (documents it refuses for good go to the dead-letter file)."""
+        """Store ``batch`` in ``billing.<collection>``, retrying until the database takes it.
+        A document it can never take goes to the dead-letter file alone: checked one by one
+        first, since the driver refuses a whole batch for one it cannot encode."""
+        storable, rejected = [], []
+        for doc in batch:
+            if reason := unstorable(doc):
+                logger.error(f"Event {doc.get('_id')} cannot be stored: {reason}")
+                rejected.append(doc)
+            else:
+                storable.append(doc)
+        if rejected:
+            self._dead_letter(collection, rejected)
+        await self._insert(storable, collection)
+
+    async def _insert(self, batch: list[dict[str, Any]], collection: str) -> None:
         delay = 0.1
         pending = batch
         while pending:
@@ -145,8 +177,13 @@ class EventLog:
             except PyMongoError as e:
                 logger.warning(f"Event write failed ({type(e).__name__}); retrying in {delay:.1f}s"
                                f" ({len(pending)} events waiting + {self.queue.qsize()} queued)")
-            except Exception:  # e.g. a value BSON cannot encode: set aside, go on writing
-                logger.exception(f"{len(pending)} events could not be written")
+            except Exception:  # refused by the driver: find the one to set aside, store the rest
+                if len(pending) > 1:
+                    half = len(pending) // 2
+                    await self._insert(pending[:half], collection)
+                    await self._insert(pending[half:], collection)
+                    return
+                logger.exception("An event could not be written")
                 self._dead_letter(collection, pending)
                 return
             if pending:
@@ -154,7 +191,7 @@ class EventLog:
                 delay = min(delay * 2, 10.0)
 
     def _dead_letter(self, collection: str, docs: list[dict[str, Any]]) -> None:
-        logger.error(f"{len(docs)} events refused by the database; kept in {DEAD_LETTER_FILE}")
+        logger.error(f"{len(docs)} events cannot be stored; kept in {DEAD_LETTER_FILE}")
         append_lines(self._data_dir() / DEAD_LETTER_FILE, [(collection, d) for d in docs])
 
     @staticmethod
@@ -172,19 +209,48 @@ class EventLog:
         intents: dict[Any, dict[str, Any]] = {}
         for path in paths:
             for collection, doc in self.journal.read(path):
-                if collection == INTENT:
-                    intents[doc["_id"]] = doc
-                elif collection in final:
+                _id = doc.get("_id")
+                if collection not in (INTENT, *final) or _id is None or not _hashable(_id):
+                    logger.warning(f"{path.name}: journaled event skipped: collection "
+                                   f"{collection!r}, _id {type(_id).__name__}")
+                elif collection == INTENT:
+                    intents[_id] = doc
+                else:
                     final[collection].append(doc)
         done = {doc["_id"] for docs in final.values() for doc in docs}
-        final[COMPLETIONS] += [doc for _id, doc in intents.items() if _id not in done]
+        unfinished = [_id for _id in intents if _id not in done]
+        # Its real event may be stored while its provisional one's segment was not deleted
+        # (other events in it were unstored): no journal line says it finished.
+        stored = await self._stored_ids(unfinished)
+        final[COMPLETIONS] += [intents[_id] for _id in unfinished if _id not in stored]
         logger.info(f"Writing journaled events of a stopped proxy: {len(done)} finished, "
-                    f"{len(intents) - len(done & intents.keys())} unfinished (estimated)")
+                    f"{len(unfinished) - len(stored)} unfinished (estimated), {len(stored)} "
+                    "finished and stored already")
         for collection, docs in final.items():
             for start in range(0, len(docs), 500):
                 await self.write(docs[start : start + 500], collection)
         for path in paths:
             path.unlink()
+
+    async def _stored_ids(self, ids: list[Any]) -> set[Any]:
+        """Which of ``ids`` are stored events, completed or failed (waits for the database)."""
+        found: set[Any] = set()
+        delay = 0.1
+        for start in range(0, len(ids), 1000):
+            query = {"_id": {"$in": ids[start : start + 1000]}}
+            for collection in (COMPLETIONS, FAILED):
+                while True:
+                    try:
+                        client = await self.database.client()
+                        cursor = client.billing[collection].find(query, {"_id": 1})
+                        found.update([doc["_id"] async for doc in cursor])
+                        break
+                    except PyMongoError as e:
+                        logger.warning(f"Journal replay: event lookup failed "
+                                       f"({type(e).__name__}); retrying in {delay:.1f}s")
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 10.0)
+        return found
 
     async def done(self) -> None:
         """Drain the queue for a while; what is left stays in the journal for next time."""
@@ -202,3 +268,11 @@ class EventLog:
         if unsent:
             logger.warning(f"{unsent} events not yet stored; they are in the journal and "
                            "are written at the next start")
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
