@@ -20,6 +20,7 @@ from llm_billing.core.estimate import (
     UNKNOWN_DOCUMENT_PAGES,
     estimate_tokens,
     prompt_chars,
+    prompt_size,
     prompt_tokens,
 )
 
@@ -195,3 +196,26 @@ def test_any_nesting_depth_is_fine(value: Any, depth: int, in_dicts: bool):
     started = time.perf_counter()
     assert prompt_tokens({"messages": value}) >= 0
     assert time.perf_counter() - started < 0.5
+
+
+def test_the_prompt_bound_covers_any_tokenizer_of_text():
+    """Every token is at least one UTF-8 byte: the bound is at least the text's bytes
+    (keys of tool schemas included), whatever the script; media by kind, not by size."""
+    text = "naïve 日本語 🐍 " * 50
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a_rather_long_property_name": {"type": "string"}}}}}]
+    body = {"messages": [{"role": "user", "content": text}], "tools": tools}
+    tokens, bound = prompt_size(body)
+    assert bound >= len(text.encode()) + len("a_rather_long_property_name") > tokens
+    image = "data:image/png;base64," + "A" * 400_000
+    _, with_image = prompt_size({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image}}]}]})
+    assert with_image < 5_000
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+                    max_leaves=30))
+def test_the_bound_is_never_below_the_estimate(value):
+    tokens, bound = prompt_size({"messages": value})
+    assert 0 <= tokens <= bound

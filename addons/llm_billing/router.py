@@ -15,9 +15,8 @@ from typing import Any
 from mitmproxy import http
 
 from . import context
-from .core.admission import prompt_bound
 from .core.config import Backend, Config
-from .core.estimate import estimate_tokens, prompt_chars
+from .core.estimate import CHARS_PER_TOKEN, prompt_size
 from .core.usage import parse_json
 from .errors import error_response
 from .settings import Settings
@@ -92,10 +91,9 @@ class Router:
         ctx.model, ctx.backend = model, backend
         ctx.plan_id = ctx.plan.id if ctx.plan else config.default_plan
         ctx.stream = ctx.route.streaming_path or body.get("stream") is True
-        ctx.prompt_chars = prompt_chars(body)
-        ctx.prompt_tokens = estimate_tokens(ctx.prompt_chars)
+        ctx.prompt_tokens, ctx.prompt_bound = prompt_size(body)
+        ctx.prompt_chars = ctx.prompt_tokens * CHARS_PER_TOKEN  # for estimate_tokens()
         ctx.request_bytes = len(flow.request.raw_content or b"")
-        ctx.prompt_bound = prompt_bound(body, len(flow.request.content or b""))
         ctx.body = body  # the limits may set its output limit
         if ctx.protocol.accepts_stream_options and inject_include_usage(body):
             ctx.usage_injected = True

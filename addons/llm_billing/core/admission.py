@@ -3,10 +3,10 @@ dialect, and how much of a plan's tokens it must hold.
 
 A request holds its prompt plus the most output it may produce. Against tokens per minute
 the prompt counts as estimated; against a blocking quota it counts as an *upper bound*
-(``prompt_bound``: every token is at least one byte), so that on a plan that blocks at
-its quota the provider can never be asked for more than is left: when the request would
-not fit, a plan that clamps lowers the request's output limit — adding one when it had
-none — to what fits, and the provider itself stops there.
+(core/estimate.py ``prompt_size``: every token is at least one byte), so that on a plan
+that blocks at its quota the provider can never be asked for more than is left: when the
+request would not fit, a plan that clamps lowers the request's output limit — adding one
+when it had none — to what fits, and the provider itself stops there.
 """
 
 from __future__ import annotations
@@ -111,14 +111,3 @@ def need_of(body: dict[str, Any], protocol: Protocol, plan: Plan, prompt: int,
     return Need(prompt, max(prompt, prompt_bound), output,
                 least if plan.clamps else output, limit is not None)
 
-
-CHAT_TEMPLATE_TOKENS = 8  # a chat template's special tokens per message, generously
-REQUEST_TEMPLATE_TOKENS = 16  # and per request (BOS, the assistant turn's header)
-
-
-def prompt_bound(body: dict[str, Any], body_bytes: int) -> int:
-    """At most this many prompt tokens: a token is at least one byte of the text, and the
-    request's JSON holds every byte of its text (plus the chat template's tokens)."""
-    messages = body.get("messages") or body.get("contents") or body.get("input")
-    turns = len(messages) if isinstance(messages, list) else 1
-    return body_bytes + CHAT_TEMPLATE_TOKENS * turns + REQUEST_TEMPLATE_TOKENS

@@ -50,6 +50,9 @@ UNKNOWN_DOCUMENT_PAGES = 3
 PDF_SCAN_BYTES = 8 * 1024 * 1024  # bounds the work per document
 
 MAX_DEPTH = 32
+MEDIA_BOUND_FACTOR = 4  # media, in prompt_bound: this many times its estimate
+CHAT_TEMPLATE_TOKENS = 8  # a chat template's special tokens per turn, generously
+REQUEST_TEMPLATE_TOKENS = 16  # and per request (BOS, the assistant turn's header)
 PROMPT_FIELDS = ("messages", "system", "prompt", "input", "instructions", "tools", "contents",
                  "systemInstruction")
 
@@ -78,6 +81,21 @@ def prompt_chars(body: dict[str, Any]) -> int:
     return tally.chars + tally.tokens * CHARS_PER_TOKEN
 
 
+def prompt_size(body: dict[str, Any]) -> tuple[int, int]:
+    """``(prompt_tokens(body), bound)`` in one pass. The bound is at most how many prompt
+    tokens the request can be (what a blocking quota holds before it runs): every token of
+    text is at least one UTF-8 byte of it (keys included: tool schemas are rendered into
+    the prompt), a chat template adds a few tokens per turn, and media counts
+    ``MEDIA_BOUND_FACTOR`` times its estimate — providers count the same image very
+    differently, so for media the bound is a generous figure, not a proof."""
+    tally = _tally(body)
+    messages = body.get("messages") or body.get("contents") or body.get("input")
+    turns = len(messages) if isinstance(messages, list) else 1
+    bound = (tally.text_bytes + MEDIA_BOUND_FACTOR * tally.tokens
+             + CHAT_TEMPLATE_TOKENS * turns + REQUEST_TEMPLATE_TOKENS)
+    return estimate_tokens(tally.chars) + tally.tokens, bound
+
+
 def _tally(body: dict[str, Any]) -> _Tally:
     tally = _Tally()
     for key in PROMPT_FIELDS:
@@ -86,12 +104,13 @@ def _tally(body: dict[str, Any]) -> _Tally:
 
 
 class _Tally:
-    """Text characters and media tokens of a JSON value."""
+    """Text characters (and UTF-8 bytes, keys included) and media tokens of a JSON value."""
 
-    __slots__ = ("chars", "tokens")
+    __slots__ = ("chars", "text_bytes", "tokens")
 
     def __init__(self) -> None:
         self.chars = 0
+        self.text_bytes = 0
         self.tokens = 0
 
     def add(self, value: Any, depth: int) -> None:
@@ -100,11 +119,13 @@ class _Tally:
                 self.tokens += _blob_tokens(*blob)
             else:
                 self.chars += len(value)
+                self.text_bytes += _utf8_size(value)
         elif depth > MAX_DEPTH:
             return
         elif isinstance(value, dict):
             if not self._media(value, depth):
-                for item in value.values():
+                for key, item in value.items():
+                    self.text_bytes += _utf8_size(key) if isinstance(key, str) else 0
                     self.add(item, depth + 1)
         elif isinstance(value, list):
             for item in value:
@@ -234,6 +255,10 @@ def _base64_size(data: Any) -> int | None:
         return None
     padding = len(data[-2:]) - len(data[-2:].rstrip("="))
     return max(0, len(data) * 3 // 4 - padding)
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _dict(value: Any) -> dict[str, Any]:
