@@ -92,6 +92,19 @@ def test_bad_json(proxy: Proxy, key: ApiKey, db, path: str, headers_key: str):
     assert_nothing_billed(proxy, db, key)
 
 
+@pytest.mark.parametrize("model", ["meta-llama/x\\udcff", "vllm-\\u0000", "vllm-" + "x" * 300])
+def test_unstorable_model_name_is_refused(proxy: Proxy, key: ApiKey, db, model: str):
+    """A name no event could be stored under (lone surrogate, control character, huge):
+    400 in the caller's format, never sent upstream, nothing billed."""
+    content = b'{"model": "%s", "stream": true, "messages": []}' % model.encode()
+    response = httpx.post(f"{proxy.url}/v1/chat/completions", content=content,
+                          headers={"Authorization": f"Bearer {key.token}",
+                                   "content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_model"
+    assert_nothing_billed(proxy, db, key)
+
+
 def test_upstream_down(proxy: Proxy, key: ApiKey, db):
     with pytest.raises(openai.InternalServerError) as err:
         openai_client(proxy, key.token).chat.completions.create(

@@ -22,6 +22,7 @@ from .errors import error_response
 from .settings import Settings
 
 CALLER_HEADERS = ("x-user-id", "x-plan-id")
+MAX_MODEL_NAME = 256
 
 
 def inject_include_usage(body: dict[str, Any]) -> bool:
@@ -76,6 +77,12 @@ class Router:
         if not isinstance(model, str) or not model:
             flow.response = error_response(
                 fmt, 400, "The request body must name a 'model'.", "missing_model")
+            return
+        if len(model) > MAX_MODEL_NAME or not model.isprintable():
+            # e.g. a lone surrogate: no event naming it could ever be stored
+            flow.response = error_response(
+                fmt, 400, "The 'model' must be a printable name of at most "
+                f"{MAX_MODEL_NAME} characters.", "invalid_model")
             return
         backend = config.backend_for(model)
         if backend is None:
