@@ -234,3 +234,22 @@ def test_usage_equals_the_sum_of_requests_under_any_interleaving(mongo_uri, db):
     asyncio.run(go())
     for user in users:
         assert stored(db, user).get("tokens", 0) == expected[user], user
+
+
+def test_an_account_dropped_and_taken_again_keeps_counting(mongo_uri, db):
+    """Write numbers grow across an instance's accounts: a user whose idle account was
+    dropped and who comes back gets a write the database has not seen, not 'applied'."""
+    user = f"u-{uuid.uuid4().hex[:10]}"
+
+    async def go():
+        ledger = ledger_for(mongo_uri, Gate())
+        for used in (120, 80):
+            await run_request(ledger, user, "metered", used, used)
+            await ledger.flush()
+            ledger.accounts[(user, MONTH)].last_used -= 60
+            await ledger.flush()
+            assert (user, MONTH) not in ledger.accounts  # dropped while idle
+        assert ledger.applied_below() == 3
+
+    asyncio.run(go())
+    assert stored(db, user)["tokens"] == 200

@@ -12,7 +12,10 @@ tokens, classes, request count, overage split and the lease it consumes go to th
 database in **one** compare-and-set update (on the document's ``version``), which also
 records the write's sequence number under ``writes.<instance>``. A write whose reply was
 lost is retried as it was, and recognised as applied by that number: nothing is counted
-twice, and no part of a write (the overage, say) can be lost on its own.
+twice, and no part of a write (the overage, say) can be lost on its own. Sequence numbers
+grow across all accounts of an instance, and a request learns its write's number when it
+settles (its event records it), so after a crash the journal's events tell exactly which
+usage never reached the database (``recover``).
 
 An account stays in memory while any request holds it (``holds``) or anything of it is
 unwritten; it is dropped only when all of that is zero, checked right before the drop.
@@ -52,7 +55,7 @@ def usage_id(user_id: Any, month: str) -> str:
 class UsageWrite:
     """Settled usage on its way to ``billing.usage``, retried unchanged until applied."""
 
-    sequence: int  # this instance's write number for the account
+    sequence: int  # this instance's write number (grows across all its accounts)
     tokens: int
     requests: int
     classes: dict[str, int]
@@ -72,7 +75,7 @@ class Account:
     unflushed_usage: dict[str, int] = field(default_factory=dict)
     unflushed_requests: int = 0
     pending: UsageWrite | None = None  # taken from unflushed, not yet known applied
-    written: int = 0  # sequence of the last write known applied
+    open_sequence: int | None = None  # the write that will carry what settles now
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -84,7 +87,8 @@ class Account:
         """Nothing of this account lives only here, and no request holds it."""
         return (self.holds == 0 and self.reserved == 0 and self.lease == 0
                 and self.unflushed == 0 and self.unflushed_requests == 0
-                and self.pending is None and now - self.last_used > IDLE_RELEASE)
+                and self.pending is None and self.open_sequence is None
+                and now - self.last_used > IDLE_RELEASE)
 
 
 class QuotaLedger:
@@ -92,6 +96,7 @@ class QuotaLedger:
         self.database = database
         self.instance = instance_id
         self.accounts: dict[tuple[Any, str], Account] = {}
+        self._last_sequence = 0  # numbers this instance's usage writes
 
     def account(self, user_id: Any, month: str, plan: Plan) -> Account:
         """The account a request will reserve against; held until ``settle``/``release``."""
@@ -130,8 +135,12 @@ class QuotaLedger:
                         return room
                     return 0
 
-    def settle(self, account: Account, reserved: int, used: int, usage: Usage | None) -> None:
-        """A request finished: release its hold, count what it really used."""
+    def settle(self, account: Account, reserved: int, used: int, usage: Usage | None) -> int:
+        """A request finished: release its hold, count what it really used. Returns the
+        sequence number of the write that will carry it."""
+        if account.open_sequence is None:
+            self._last_sequence += 1
+            account.open_sequence = self._last_sequence
         account.reserved -= reserved
         account.holds -= 1
         account.unflushed += used
@@ -140,6 +149,7 @@ class QuotaLedger:
             for name, value in usage.as_document().items():
                 account.unflushed_usage[name] = account.unflushed_usage.get(name, 0) + value
         account.last_used = time.monotonic()
+        return account.open_sequence
 
     async def _collection(self):
         return (await self.database.client()).billing.usage
@@ -198,10 +208,11 @@ class QuotaLedger:
             raise failed
 
     async def _flush_account(self, usage, account: Account) -> None:
-        if account.pending is None and (account.unflushed or account.unflushed_requests):
+        if account.pending is None and account.open_sequence is not None:
             account.pending = UsageWrite(
-                account.written + 1, account.unflushed, account.unflushed_requests,
+                account.open_sequence, account.unflushed, account.unflushed_requests,
                 {k: v for k, v in account.unflushed_usage.items() if v})
+            account.open_sequence = None
         if account.pending is not None:
             await self._write(usage, account, account.pending)
             return
@@ -232,7 +243,6 @@ class QuotaLedger:
         else:
             raise UsageContention(f"usage write for {account.key}: too much contention")
         account.pending = None
-        account.written = write.sequence
         account.unflushed -= write.tokens
         account.unflushed_requests -= write.requests
         for name, value in write.classes.items():
@@ -258,6 +268,13 @@ class QuotaLedger:
                     f"overage_by_plan.{plan.id}.cost": cost}
         return {"$inc": inc, "$set": fields,
                 "$setOnInsert": {"user_id": account.user_id, "month": account.month}}
+
+    def applied_below(self) -> int:
+        """Every write numbered below this is applied (or was never needed)."""
+        waiting = [seq for a in self.accounts.values()
+                   for seq in (a.pending.sequence if a.pending else None, a.open_sequence)
+                   if seq is not None]
+        return min(waiting, default=self._last_sequence + 1)
 
     async def run(self, interval: float) -> None:
         while True:
