@@ -10,6 +10,8 @@ Scenarios, chosen by the ``X-Fake-Scenario`` request header:
   rest — proves the proxy does not buffer.
 - ``status-<code>``: answer with that HTTP error in the provider's error format.
 - ``cut``: stop mid-stream without usage or terminator, closing the connection.
+- ``content-length``: frame the stream with ``Content-Length`` instead of chunked.
+- ``usage-huge``: chat completions report ``completion_tokens`` 10**30 (a broken upstream).
 - ``held``: wait for ``release(test_id)`` before answering at all (not even headers).
 
 With an ``X-Replay: <case>`` header it sends a recorded response from ``tests/corpus``.
@@ -18,6 +20,7 @@ With an ``X-Replay: <case>`` header it sends a recorded response from ``tests/co
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import zlib
@@ -362,6 +365,10 @@ def llamacpp_chat_stream(body: dict[str, Any], test_id: str) -> list[bytes]:
     return [f"data: {_dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
 
 
+def _huge_completion_tokens(event: bytes) -> bytes:
+    return re.sub(rb'"completion_tokens":\d+', b'"completion_tokens":%d' % 10**30, event)
+
+
 # --- The server --------------------------------------------------------------------------
 
 class FakeUpstream:
@@ -438,13 +445,19 @@ class _Handler(BaseHTTPRequestHandler):
                                             "code": 400})
             if not streaming:
                 ex.usage = openai_chat_usage(body)
-                return self._json(ex, 200, openai_chat_json(body, test_id))
+                doc = openai_chat_json(body, test_id)
+                if scenario == "usage-huge":
+                    doc["usage"]["completion_tokens"] = 10**30
+                return self._json(ex, 200, doc)
             flavour = (vllm_chat_stream if model.startswith("vllm-") else
                        llamacpp_chat_stream if model.startswith("llamacpp-") else
                        openai_chat_stream)
             if (body.get("stream_options") or {}).get("include_usage"):
                 ex.usage = openai_chat_usage(body)
-            return self._sse(ex, flavour(body, test_id), test_id, scenario)
+            events = flavour(body, test_id)
+            if scenario == "usage-huge":
+                events = [_huge_completion_tokens(e) for e in events]
+            return self._sse(ex, events, test_id, scenario)
         if path.endswith("/completions"):
             events = openai_completions_stream(body, test_id)
             return self._sse(ex, events, test_id, scenario)
@@ -525,6 +538,14 @@ class _Handler(BaseHTTPRequestHandler):
              content_type: str = "text/event-stream; charset=utf-8") -> None:
         self.send_response(200)
         self.send_header("content-type", content_type)
+        if scenario == "content-length":  # a server that buffers, then sends one body
+            self.send_header("content-length", str(sum(map(len, events))))
+            self.send_header("cache-control", "no-cache")
+            self.end_headers()
+            for event in events:
+                self._write(ex, event)
+            ex.finished = True
+            return
         self.send_header("transfer-encoding", "chunked")
         self.send_header("cache-control", "no-cache")
         self.end_headers()

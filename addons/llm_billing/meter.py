@@ -3,6 +3,11 @@
 In ``responseheaders`` the flow's stream becomes a ``StreamMeter`` (core/stream_meter.py):
 every chunk goes on at once, a copy feeds the SSE parser and the usage tracker. The flow
 is settled by the ``Settle`` addon (settle.py), which reads what the meter saw.
+
+When the meter edits the stream (it hides the usage chunk the router asked for), the
+upstream's ``Content-Length`` no longer holds: it is dropped, so mitmproxy frames the
+response chunked (HTTP/1.1 client) or by closing the connection, and the client never
+waits for bytes that will not come.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ class Meter:
             return  # a replayed flow's body is already stored: metered in response
         ctx.meter = self.meter_for(flow, ctx)
         flow.response.stream = ctx.meter
+        headers = flow.response.headers
+        if ctx.meter.edits_stream and "content-length" in headers:
+            del headers["content-length"]
+            if flow.request.http_version == "HTTP/1.1" and "transfer-encoding" not in headers:
+                headers["transfer-encoding"] = "chunked"  # keeps the connection reusable
 
     @staticmethod
     def meter_for(flow: http.HTTPFlow, ctx: context.RequestContext) -> StreamMeter:
@@ -32,6 +42,7 @@ class Meter:
             content_encoding=headers.get("content-encoding", ""),
             hide_usage_chunk=ctx.usage_injected,
             keep_all="allData" in needs,
+            keep_body="respBody" in needs,
             keep_last="lastChunk" in needs,
             keep_cap=ctx.route.max_body_bytes,
         )

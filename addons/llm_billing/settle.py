@@ -71,7 +71,8 @@ def outcome(flow: http.HTTPFlow, ctx: RequestContext) -> Outcome:
     tracker = meter.tracker
     common: dict[str, Any] = dict(
         status=status, complete=tracker.finished, error=tracker.error or error,
-        response_bytes=meter.response_bytes, timings=tracker.timings)
+        response_bytes=meter.response_bytes, timings=tracker.timings,
+        usage_anomaly=tracker.usage_anomaly)
     if status is None or status >= 400:
         return Outcome(usage=None, **common)
     usage, method = settle_usage(tracker, ctx.prompt_chars)

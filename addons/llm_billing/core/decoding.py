@@ -14,6 +14,36 @@ def _zlib(wbits: int) -> Decoder:
     return d.decompress
 
 
+def _gzip() -> Decoder:
+    """Every member of a multi-member gzip stream (RFC 1952 allows several; curl, browsers
+    and urllib3 decode them all): a decompressor stops at the end of its member, so a new
+    one takes what follows. Like urllib3, data after a complete member that does not
+    decode (trailing garbage, zero padding) is ignored."""
+    d = zlib.decompressobj(31)
+    first = True
+    ignore_rest = False
+
+    def decode(data: bytes) -> bytes:
+        nonlocal d, first, ignore_rest
+        out = bytearray()
+        while data and not ignore_rest:
+            try:
+                out += d.decompress(data)
+            except zlib.error:
+                if first:
+                    raise
+                ignore_rest = True
+                break
+            if not d.eof:
+                break
+            data = d.unused_data  # the next member's first bytes, if any arrived
+            d = zlib.decompressobj(31)
+            first = False
+        return bytes(out)
+
+    return decode
+
+
 def _deflate() -> Decoder:
     # "deflate" is zlib-wrapped by the RFC, raw in some servers: decide on the first bytes.
     state: dict[str, Decoder] = {}
@@ -39,8 +69,8 @@ def _zstd() -> Decoder:
 
 
 _FACTORIES: dict[str, Callable[[], Decoder]] = {
-    "gzip": lambda: _zlib(31),
-    "x-gzip": lambda: _zlib(31),
+    "gzip": _gzip,
+    "x-gzip": _gzip,
     "deflate": _deflate,
     "br": _brotli,
     "zstd": _zstd,

@@ -72,6 +72,8 @@ def completion_event(ctx: RequestContext, result: Outcome, prices: PriceTable,
     }
     if result.estimate_method:
         doc["estimate_method"] = result.estimate_method
+    if result.usage_anomaly:
+        doc["usage_anomaly"] = result.usage_anomaly
     if result.timings is not None:
         doc["timings"] = result.timings
     if ctx.route.metering is not None:

@@ -25,11 +25,17 @@ class Outcome:
     timings: dict[str, Any] | None = None  # llama.cpp's, when it sent them
     metered: int | float | None = None  # the route's metering expression's value
     metering_error: str | None = None
+    usage_anomaly: str | None = None  # why the provider's usage was not trusted
 
 
 
 def settle_usage(tracker: UsageTracker, prompt_chars: int) -> tuple[Usage, str | None]:
     """The usage to bill and, when it is estimated, how."""
+    if tracker.usage_anomaly:  # an absurd count: nothing the provider said is billed
+        return (Usage(prompt_tokens=estimate_tokens(prompt_chars),
+                      completion_tokens=estimate_tokens(tracker.output_chars)),
+                f"provider usage not trusted: prompt and delivered "
+                f"characters/{CHARS_PER_TOKEN}")
     usage = tracker.usage
     if usage is not None and tracker.usage_final:
         return usage, None

@@ -1,5 +1,6 @@
 """The stream callable of one response (sans-I/O): bytes in, the same bytes out at once,
-a copy parsed for usage on the way.
+a copy parsed for usage on the way: SSE event by event, a JSON body value by value (each
+element of a JSON array as it completes, see json_stream.py).
 
 When the router injected ``include_usage``, the meter passes the stream on event by event
 instead and drops the usage-only chunk (and the ``"usage":null`` it adds to every other
@@ -12,12 +13,13 @@ import logging
 import re
 
 from .decoding import decoder_for
+from .json_stream import JSONSplitter
 from .sse import SSEBlock, SSEParser
 from .usage import Protocol, UsageTracker, is_usage_only_chunk, parse_json
 
 logger = logging.getLogger(__name__)
 
-MAX_JSON_BODY = 32 << 20  # a non-streamed body larger than this is estimated, not parsed
+MAX_JSON_BODY = 32 << 20  # a JSON value (body, array element) larger than this is not parsed
 MAX_HELD = 256 << 10  # an unfinished event held back longer than this is let through
 
 _NULL_USAGE = (
@@ -48,14 +50,15 @@ class StreamMeter:
     """The stream callable of one response. Never raises: on a bug it stops metering and
     passes the rest through.
 
-    Keeps only what it needs: the SSE parser's unfinished line or event, a non-streamed
-    JSON body (capped), and — only for a metering expression that reads them — the whole
-    text (``allData``, capped at ``keep_cap``) or the last chunk.
+    Keeps only what it needs: the SSE parser's unfinished line or event, the unfinished
+    value of a JSON body (capped), and — only for a metering expression that reads them —
+    the whole text (``allData`` capped at ``keep_cap``, ``respBody`` at ``MAX_JSON_BODY``)
+    or the last chunk.
     """
 
     def __init__(self, protocol: Protocol, *, sse: bool, content_encoding: str,
-                 hide_usage_chunk: bool, keep_all: bool = False, keep_last: bool = False,
-                 keep_cap: int = MAX_JSON_BODY) -> None:
+                 hide_usage_chunk: bool, keep_all: bool = False, keep_body: bool = False,
+                 keep_last: bool = False, keep_cap: int = MAX_JSON_BODY) -> None:
         self.tracker = UsageTracker(protocol)
         self.response_bytes = 0
         self.hidden = bytearray()  # what we kept from the client (the usage-only chunk)
@@ -70,12 +73,18 @@ class StreamMeter:
         # Editing the stream needs its plain bytes; the router asked for identity.
         self._hide = hide_usage_chunk and sse and self._decode is None and self._decodable
         self._parser = SSEParser(keep_raw=self._hide)
-        self._keep_body = keep_all or not sse
+        self._values = None if sse else JSONSplitter(MAX_JSON_BODY)
+        self._keep_body = keep_all or keep_body
         self._keep_last = keep_last
         self._cap = keep_cap if keep_all else MAX_JSON_BODY
         self._body = bytearray()
         self._dropped_last = False
         self._broken = False
+
+    @property
+    def edits_stream(self) -> bool:
+        """The client may get fewer bytes than the upstream sent (see hide_usage_chunk)."""
+        return self._hide
 
     @property
     def body(self) -> bytes:
@@ -102,7 +111,9 @@ class StreamMeter:
             self.last_chunk = data
         if self._keep_body:
             self._keep(data)
-        if not self.sse:
+        if self._values is not None:
+            for value in self._values.feed(data):
+                self.tracker.observe_json(parse_json(value))
             return chunk
         blocks = self._parser.feed(data) if data else []
         if not chunk:
@@ -148,14 +159,15 @@ class StreamMeter:
             self._body += data
 
     def close(self) -> None:
-        """The response is over (or cut off): parse what a non-streamed body left."""
+        """The response is over (or cut off): the SSE parser's unterminated rest; a JSON
+        body that arrived whole."""
         if self._broken or not self._decodable:
             return
-        if self.sse:
+        if self._values is None:
             for block in self._parser.finish():
                 if block.event:
                     self.tracker.observe_event(block.event)
-        elif self._body:
-            self.tracker.observe_body(bytes(self._body))
+        elif self._values.complete:
+            self.tracker.body_complete()
 
 

@@ -4,18 +4,28 @@ One ``UsageTracker`` per response. Feed it SSE events as they pass (``observe_ev
 a whole body (``observe_body``); it keeps the latest usage the provider reported — usage
 fields are cumulative snapshots, so the last value wins and deltas are never added. It
 also counts the characters of delivered content, so a stream cut off before its final
-usage can still be estimated.
+usage can still be estimated. Every count must be an integer in 0..``MAX_TOKENS``: a
+response that reports anything else is not trusted (``usage_anomaly`` says why) and is
+billed an estimate, never the absurd value.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
 from .sse import SSEEvent
+
+MAX_TOKENS = 10**9
+"""The most one count of one request may be. The largest context windows are ~10**7
+tokens, so anything above is a broken or hostile upstream; and at most a few such counts
+per event keep every sum (events, a user's month in billing.usage) far inside int64."""
 
 
 class Protocol(StrEnum):
@@ -75,13 +85,51 @@ class Usage:
         }
 
 
+class UntrustedCount(ValueError):
+    """A token count that is not an integer in 0..MAX_TOKENS; ``value`` is what came."""
+
+    def __init__(self, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            reason = "is not a number"
+        elif isinstance(value, float) and math.isfinite(value) and not value.is_integer():
+            reason = "is not an integer"
+        else:
+            reason = "out of range"
+        super().__init__(f"{_show(value)} {reason}")
+        self.value = value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    if isinstance(value, int) and len(text) > 20:  # 10**30 → '1e+30', never 4,000 digits
+        return format(Decimal(value).normalize(), ".3g")
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _int(value: Any) -> int:
-    """A token count from untrusted JSON: non-negative int, anything else is 0."""
+    """A token count from untrusted JSON: absent (null) is 0, an integer (or integral
+    float) in 0..MAX_TOKENS is itself; anything else raises ``UntrustedCount``."""
+    if value is None:
+        return 0
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0
-    if value != value or value in (float("inf"), float("-inf")):
-        return 0
-    return max(0, int(value))
+        raise UntrustedCount(value)
+    if isinstance(value, float) and not value.is_integer():  # NaN, ±inf, 1.5
+        raise UntrustedCount(value)
+    if not 0 <= value <= MAX_TOKENS:
+        raise UntrustedCount(value)
+    return int(value)
+
+
+def _path_of(value: Any, tree: Any, path: str = "", depth: int = 0) -> str | None:
+    """Where in ``tree`` (dicts, lists) this very object is: names an untrusted count."""
+    if tree is value:
+        return path
+    items = tree.items() if isinstance(tree, dict) else (
+        enumerate(tree) if isinstance(tree, list) else ())
+    for key, child in items if depth < 8 else ():  # counts are shallow; hostile JSON is not
+        if found := _path_of(value, child, f"{path}.{key}" if path else str(key), depth + 1):
+            return found
+    return None
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -188,6 +236,7 @@ class UsageTracker:
         self.error: str | None = None  # an error reported inside a 200 response
         self.output_chars = 0
         self.timings: dict[str, Any] | None = None  # llama.cpp's per-request timings
+        self.usage_anomaly: str | None = None  # why the reported usage is not trusted
 
     def observe_event(self, event: SSEEvent) -> Any:
         """Take one SSE event; returns its parsed JSON payload (or None)."""
@@ -204,11 +253,30 @@ class UsageTracker:
         streamGenerateContent without ``alt=sse``)."""
         payload = parse_json(body)
         for item in payload if isinstance(payload, list) else [payload]:
-            if isinstance(item, dict):
-                self._observe(item, "")
+            self.observe_json(item)
+        self.body_complete()
+
+    def observe_json(self, payload: Any) -> None:
+        """One complete value of a non-streamed body: the body, or one element of a
+        top-level array (see core/json_stream.py)."""
+        if isinstance(payload, dict):
+            self._observe(payload, "")
+
+    def body_complete(self) -> None:
+        """The whole non-streamed body arrived: its usage covers the response."""
         if self.usage is not None:
             self.usage_final = True
             self.finished = True
+
+    def _take(self, extract: Callable[..., Usage], reported: dict[str, Any],
+              *previous: Usage | None) -> None:
+        """The provider's usage, unless a count in it is absurd: then the response's usage
+        is never trusted again (the outcome estimates it) and the anomaly is recorded."""
+        try:
+            self.usage = extract(reported, *previous)
+        except UntrustedCount as e:
+            where = _path_of(e.value, reported) or "a token count"
+            self.usage_anomaly = self.usage_anomaly or f"{where} {e}"
 
     def _observe(self, payload: dict[str, Any], event_name: str) -> None:
         with contextlib.suppress(TypeError, ValueError, AttributeError):
@@ -227,7 +295,7 @@ class UsageTracker:
 
     def _openai(self, payload: dict[str, Any]) -> None:
         if isinstance(payload.get("usage"), dict):
-            self.usage = openai_usage(payload["usage"])
+            self._take(openai_usage, payload["usage"])
             self.usage_final = True
         if isinstance(payload.get("timings"), dict):
             self.timings = payload["timings"]
@@ -242,9 +310,9 @@ class UsageTracker:
         kind = payload.get("type")
         if kind == "message_start":
             usage = _dict(_dict(payload.get("message")).get("usage"))
-            self.usage = anthropic_usage(usage, self.usage)
+            self._take(anthropic_usage, usage, self.usage)
         elif kind == "message_delta" and isinstance(payload.get("usage"), dict):
-            self.usage = anthropic_usage(payload["usage"], self.usage)
+            self._take(anthropic_usage, payload["usage"], self.usage)
             self.usage_final = True
         elif kind == "content_block_delta":
             self.output_chars += _text_size(payload.get("delta"))
@@ -254,7 +322,7 @@ class UsageTracker:
             self.error = _error_message(payload.get("error"))
         elif kind == "message":  # a non-streamed response
             if isinstance(payload.get("usage"), dict):
-                self.usage = anthropic_usage(payload["usage"])
+                self._take(anthropic_usage, payload["usage"])
             for block in _list(payload.get("content")):
                 self.output_chars += _text_size(block)
                 self.output_chars += _text_size(_json_text(_dict(block).get("input")))
@@ -265,7 +333,7 @@ class UsageTracker:
         response = _dict(payload.get("response")) if "response" in payload else payload
         if kind in ("response.completed", "response.failed", "response.incomplete", "response"):
             if isinstance(response.get("usage"), dict):
-                self.usage = responses_usage(response["usage"])
+                self._take(responses_usage, response["usage"])
                 self.usage_final = True
             self.finished = True
             if response.get("error"):
@@ -282,7 +350,7 @@ class UsageTracker:
 
     def _gemini(self, payload: dict[str, Any]) -> None:
         if isinstance(payload.get("usageMetadata"), dict):
-            self.usage = gemini_usage(payload["usageMetadata"])
+            self._take(gemini_usage, payload["usageMetadata"])
         if payload.get("error"):
             self.error = _error_message(payload["error"])
         for candidate in _list(payload.get("candidates")):
