@@ -1,0 +1,173 @@
+"""Review of issue 9 (billing exact under races, crashes, hostile data): admission and the
+usage ledger, each case a way a blocking quota could be overshot or usage lost. Races
+are driven by holding a database call at its await (test_ledger's Gate)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+from mitmproxy.test import taddons, tflow
+from pymongo import AsyncMongoClient
+from test_ledger import stored
+
+from llm_billing import context
+from llm_billing.core.config import parse_config
+from llm_billing.core.usage import Protocol
+from llm_billing.limits import Hold, Limits
+from llm_billing.settings import Settings
+from llm_billing.storage.ledger import QuotaLedger
+
+CONFIG = """
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9"
+models = ["m"]
+auth = { type = "none" }
+
+[plans.capped]
+monthly_tokens = 1000
+overage = "blocked"
+
+[plans.capped_tpm]
+monthly_tokens = 1000000
+tokens_per_minute = 5000
+overage = "blocked"
+"""
+
+PATHS = {Protocol.OPENAI_CHAT: "/v1/chat/completions",
+         Protocol.OPENAI_COMPLETIONS: "/v1/completions",
+         Protocol.GEMINI: "/v1beta/models/m:generateContent",
+         Protocol.ANTHROPIC_MESSAGES: "/v1/messages"}
+
+
+class Database:
+    def __init__(self, uri: str) -> None:
+        self._client = AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=2000)
+
+    async def client(self) -> AsyncMongoClient:
+        return self._client
+
+
+def first_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a parser that keeps a key's first value reads it."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        result.setdefault(key, value)
+    return result
+
+
+def limits_for(mongo_uri: str) -> Limits:
+    settings = Settings()
+    settings.config = parse_config(CONFIG, {})
+    return Limits(Database(mongo_uri), settings)
+
+
+def request_flow(limits: Limits, body: dict[str, Any] | bytes, plan: str = "capped",
+                 protocol: Protocol = Protocol.OPENAI_CHAT, user: str | None = None) -> tuple:
+    config = limits.settings.config
+    assert config is not None
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    route = config.route_for(PATHS[protocol])
+    assert route is not None
+    flow = tflow.tflow()
+    flow.request.content = raw
+    rc = context.RequestContext(caller=context.Caller(key_id=1, user_id=user or "u"),
+                                route=route, path=PATHS[protocol], model="m",
+                                backend=config.backends[0], plan=config.plans[plan],
+                                prompt_tokens=0, prompt_bound=0, body=json.loads(raw))
+    context.attach(flow, rc)
+    return flow, rc
+
+
+async def run_limits(limits: Limits, flow) -> None:
+    with taddons.context(limits):
+        await limits.request(flow)
+
+
+def admit(mongo_uri: str, body: dict[str, Any] | bytes, plan: str = "capped",
+          protocol: Protocol = Protocol.OPENAI_CHAT, user: str | None = None) -> tuple:
+    """Run ``Limits.request`` on one request; the flow, its context and the Limits."""
+    limits = limits_for(mongo_uri)
+    flow, rc = request_flow(limits, body, plan, protocol,
+                            user or f"u-{uuid.uuid4().hex[:10]}")
+    asyncio.run(run_limits(limits, flow))
+    return flow, rc, limits
+
+
+def output_sent(flow, protocol: Protocol) -> int:
+    """The most output the upstream may produce for the request as sent, read by a parser
+    that honours the largest of the limits and keeps duplicate keys' first values."""
+    body = json.loads(flow.request.content, object_pairs_hook=first_wins)
+    limits = [body.get(f) for f in ("max_tokens", "max_completion_tokens",
+                                    "max_output_tokens")]
+    answers = [body.get("n"), body.get("best_of")]
+    for name in ("generationConfig", "generation_config"):
+        config = body.get(name) or {}
+        limits += [config.get("maxOutputTokens"), config.get("max_output_tokens")]
+        answers += [config.get("candidateCount"), config.get("candidate_count")]
+    limit = max(int(v) for v in limits if v is not None)
+    return limit * max([1] + [int(v) for v in answers if v is not None])
+
+
+@pytest.mark.parametrize(("protocol", "body"), [
+    (Protocol.OPENAI_CHAT, {"model": "m", "messages": [], "max_tokens": 800, "n": 4}),
+    (Protocol.OPENAI_CHAT, {"model": "m", "messages": [], "max_tokens": 800, "n": "4"}),
+    (Protocol.OPENAI_COMPLETIONS, {"model": "m", "prompt": "", "max_tokens": 800,
+                                   "best_of": 4}),
+    (Protocol.GEMINI, {"contents": [], "generationConfig": {"maxOutputTokens": 800,
+                                                            "candidateCount": 4}}),
+], ids=["chat-n", "chat-n-string", "completions-best_of", "gemini-candidateCount"])
+def test_every_answer_of_a_request_is_held(mongo_uri, protocol, body):
+    """n / best_of / candidateCount answers each may use the whole output limit: the
+    request must hold all of them, or be clamped so that all of them fit."""
+    flow, rc, _ = admit(mongo_uri, body, protocol=protocol)
+    assert flow.response is None
+    assert isinstance(rc.hold, Hold)
+    assert output_sent(flow, protocol) <= rc.hold.tokens <= 1000
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "m", "messages": [], "max_tokens": 10, "max_completion_tokens": 5000},
+    {"model": "m", "messages": [], "max_completion_tokens": 5000, "max_tokens": 10},
+], ids=["max_tokens-first", "max_completion_tokens-first"])
+def test_the_largest_of_two_output_limits_is_held(mongo_uri, body):
+    """vLLM takes max_completion_tokens over max_tokens: whichever field a server honours,
+    it may not produce more than the request holds."""
+    flow, rc, _ = admit(mongo_uri, body)
+    assert output_sent(flow, Protocol.OPENAI_CHAT) <= rc.hold.tokens <= 1000
+
+
+def test_gemini_snake_case_generation_config_is_limited(mongo_uri):
+    """Gemini's REST API reads proto field names too (generation_config,
+    max_output_tokens): that limit must be seen and clamped like the camelCase one."""
+    body = {"contents": [], "generation_config": {"max_output_tokens": 5000,
+                                                  "candidate_count": 2}}
+    flow, rc, _ = admit(mongo_uri, body, protocol=Protocol.GEMINI)
+    sent = json.loads(flow.request.content)
+    assert "generationConfig" not in sent  # one config: a second one is a 400 at Google
+    assert output_sent(flow, Protocol.GEMINI) <= rc.hold.tokens <= 1000
+
+
+class Contended:
+    """``billing.usage`` where another instance wins every compare-and-set."""
+
+    def __init__(self, collection) -> None:
+        self._collection = collection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    async def update_one(self, query: dict, update: dict, upsert: bool = False):
+        await self._collection.update_one({"_id": query["_id"]}, {"$inc": {"version": 1}},
+                                          upsert=True)
+        return await self._collection.update_one(query, update, upsert=False)
+
+
+def lease_of(db, user: str, ledger: QuotaLedger) -> int:
+    return stored(db, user).get("leases", {}).get(ledger.instance, {}).get("amount", 0)
+
+
