@@ -152,6 +152,24 @@ def test_gemini_snake_case_generation_config_is_limited(mongo_uri):
     assert output_sent(flow, Protocol.GEMINI) <= rc.hold.tokens <= 1000
 
 
+def test_a_duplicate_key_reads_the_same_upstream(mongo_uri):
+    """A JSON object with a key twice: Python keeps the last value, other parsers the
+    first. On a blocking plan the upstream must get the body the proxy measured."""
+    raw = b'{"model": "m", "messages": [], "max_tokens": 100000, "max_tokens": 10}'
+    flow, rc, _ = admit(mongo_uri, raw)
+    assert output_sent(flow, Protocol.OPENAI_CHAT) <= rc.hold.tokens
+
+
+def test_a_lone_surrogate_in_the_prompt_still_gets_the_output_limit(mongo_uri):
+    """``"\\ud800"`` is valid JSON but no UTF-8: the clamped body must still be sent, with
+    its output limit (a failed re-encoding sent the request unlimited)."""
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    flow, rc, _ = admit(mongo_uri, raw)
+    sent = json.loads(flow.request.content)
+    assert sent["messages"][0]["content"] == "hi \ud800"
+    assert output_sent(flow, Protocol.OPENAI_CHAT) <= rc.hold.tokens <= 1000
+
+
 class Contended:
     """``billing.usage`` where another instance wins every compare-and-set."""
 

@@ -137,12 +137,16 @@ class Limits:
         """The request may use only what it holds: say so in the request itself."""
         if not (plan.blocks_at_quota or output < need.output) or not body:
             return
-        if need.limited and output >= need.output:
-            return
-        assert rc.backend is not None
-        set_output_limit(body, rc.protocol, output, openai_native=rc.backend.host == OPENAI_HOST)
-        flow.request.content = json.dumps(body, ensure_ascii=False).encode()
-        rc.clamped_output = output
+        if not need.limited or output < need.output:
+            assert rc.backend is not None
+            set_output_limit(body, rc.protocol, output,
+                             openai_native=rc.backend.host == OPENAI_HOST)
+            rc.clamped_output = output
+        # Sent as measured, even unchanged: a key given twice is read as its last value here
+        # but as its first by some servers. A lone surrogate ("\ud800", valid JSON, no
+        # UTF-8) goes back out as the same JSON escape.
+        flow.request.content = json.dumps(body, ensure_ascii=False).encode(
+            "utf-8", "backslashreplace")
 
     def _undo(self, account: Account, bucket: TokenBucket | None, tokens: int) -> None:
         self.ledger.release(account)
