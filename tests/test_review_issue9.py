@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from mitmproxy.test import taddons, tflow
 from pymongo import AsyncMongoClient
-from test_ledger import stored
+from test_ledger import MONTH, stored
 
 from llm_billing import context
 from llm_billing.core.config import parse_config
@@ -168,6 +168,20 @@ def test_a_lone_surrogate_in_the_prompt_still_gets_the_output_limit(mongo_uri):
     sent = json.loads(flow.request.content)
     assert sent["messages"][0]["content"] == "hi \ud800"
     assert output_sent(flow, Protocol.OPENAI_CHAT) <= rc.hold.tokens <= 1000
+
+
+def test_an_unexpected_quota_error_holds_nothing(mongo_uri, db):
+    """A usage document the ledger cannot read (hostile or corrupt data) must fail
+    closed like a database error: 503, the TPM tokens given back, the account let go."""
+    user = f"u-{uuid.uuid4().hex[:10]}"
+    db.billing.usage.insert_one({"_id": f"{user}:{MONTH}", "tokens": "a lot", "version": 1})
+    flow, _, limits = admit(mongo_uri, {"model": "m", "messages": [], "max_tokens": 100},
+                            plan="capped_tpm", user=user)
+    assert flow.response is not None and flow.response.status_code == 503
+    account = limits.ledger.accounts[(user, MONTH)]
+    assert account.holds == 0 and account.reserved == 0
+    bucket = limits.buckets[user]
+    assert bucket.level(bucket._at) == bucket.capacity
 
 
 class Contended:

@@ -110,9 +110,12 @@ class Limits:
         try:
             held = await self.ledger.reserve(account, need.prompt_bound + output,
                                              need.prompt_bound + min(output, need.least_output))
-        except PyMongoError as e:  # a blocking plan's quota can't be checked: fail closed
+        except Exception as e:  # a blocking plan's quota can't be checked: fail closed
             self._undo(account, bucket, need.prompt + output)
-            logger.warning(f"Quota check failed ({type(e).__name__}) for {account.key}")
+            if isinstance(e, PyMongoError):
+                logger.warning(f"Quota check failed ({type(e).__name__}) for {account.key}")
+            else:  # e.g. a usage document that is not ours to read: still fail closed
+                logger.exception(f"Quota check failed for {account.key}")
             flow.response = error_response(rc.protocol.error_format, 503,
                                            "Usage limits are temporarily unavailable; retry "
                                            "shortly.")
