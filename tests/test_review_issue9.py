@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from mitmproxy.test import taddons, tflow
 from pymongo import AsyncMongoClient
-from test_ledger import MONTH, stored
+from test_ledger import MONTH, PLANS, stored
 
 from llm_billing import context
 from llm_billing.core.config import parse_config
 from llm_billing.core.usage import Protocol
 from llm_billing.limits import Hold, Limits
 from llm_billing.settings import Settings
-from llm_billing.storage.ledger import QuotaLedger
+from llm_billing.storage.ledger import QuotaLedger, UsageContention
 
 CONFIG = """
 [[backends]]
@@ -197,6 +197,24 @@ class Contended:
         await self._collection.update_one({"_id": query["_id"]}, {"$inc": {"version": 1}},
                                           upsert=True)
         return await self._collection.update_one(query, update, upsert=False)
+
+
+def test_lease_contention_is_retryable_not_an_exhausted_quota(mongo_uri):
+    """Losing every compare-and-set is not an exhausted quota: the client must be told to
+    retry (503), not 429 with x-should-retry: false."""
+    ledger = QuotaLedger(Database(mongo_uri), "contended")
+
+    async def collection():
+        return Contended((await ledger.database.client()).billing.usage)
+
+    ledger._collection = collection  # type: ignore[method-assign]
+
+    async def go() -> None:
+        account = ledger.account(f"u-{uuid.uuid4().hex[:10]}", MONTH, PLANS["capped"])
+        await ledger.reserve(account, 100)
+
+    with pytest.raises(UsageContention):
+        asyncio.run(go())
 
 
 def lease_of(db, user: str, ledger: QuotaLedger) -> int:

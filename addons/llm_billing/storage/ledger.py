@@ -186,8 +186,8 @@ class QuotaLedger:
             if result.matched_count or result.upserted_id is not None:
                 account.lease += grant
                 return grant >= shortfall
-        logger.warning(f"Quota lease for {account.key}: too much contention; refusing")
-        return False
+        # Not an exhausted quota: the request is refused as retryable (503), not for good.
+        raise UsageContention(f"quota lease for {account.key}: too much contention")
 
     async def flush(self) -> None:
         """Write settled usage; hand idle leases back; drop accounts with nothing left.
