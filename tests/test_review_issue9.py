@@ -5,6 +5,7 @@ are driven by holding a database call at its await (test_ledger's Gate)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -12,11 +13,12 @@ from typing import Any
 import pytest
 from mitmproxy.test import taddons, tflow
 from pymongo import AsyncMongoClient
-from test_ledger import MONTH, PLANS, stored
+from pymongo.errors import AutoReconnect
+from test_ledger import MONTH, PLANS, Gate, ledger_for, run_request, stored
 
 from llm_billing import context
 from llm_billing.core.config import parse_config
-from llm_billing.core.usage import Protocol
+from llm_billing.core.usage import Protocol, Usage
 from llm_billing.limits import Hold, Limits
 from llm_billing.settings import Settings
 from llm_billing.storage.ledger import QuotaLedger, UsageContention
@@ -221,3 +223,64 @@ def lease_of(db, user: str, ledger: QuotaLedger) -> int:
     return stored(db, user).get("leases", {}).get(ledger.instance, {}).get("amount", 0)
 
 
+def test_a_request_during_a_lease_release_keeps_a_lease(mongo_uri, db):
+    """The flush hands an idle lease back; while that write is awaited a request reserves
+    against the lease still in memory. The request's tokens must stay leased in the
+    database (else another instance is granted them too), and memory must agree."""
+    user = f"u-{uuid.uuid4().hex[:10]}"
+
+    async def go() -> tuple[int, int, int, QuotaLedger]:
+        gate = Gate()
+        ledger = ledger_for(mongo_uri, gate)
+        await run_request(ledger, user, "capped", 100, 50)
+        await ledger.flush()  # usage written; 50 left leased
+        account = ledger.accounts[(user, MONTH)]
+        account.last_used -= 60
+        gate.armed = True
+        flush = asyncio.create_task(ledger.flush())
+        await gate.reached.wait()  # at the release's await
+        request = ledger.account(user, MONTH, PLANS["capped"])
+        reserve = asyncio.create_task(ledger.reserve(request, 30))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        gate.opened.set()
+        await flush
+        held = await reserve
+        return held, account.reserved, account.lease, ledger
+
+    held, reserved, lease, ledger = asyncio.run(go())
+    assert held == reserved == 30
+    assert lease_of(db, user, ledger) == lease >= reserved
+
+
+def test_a_lease_release_whose_reply_is_lost_is_applied_once(mongo_uri, db):
+    """The release is applied but its reply is lost; retried, it must not hand the lease
+    back twice (a negative lease in the database lets other instances over-grant)."""
+    user = f"u-{uuid.uuid4().hex[:10]}"
+    failed = {"n": 0}
+
+    def release_reply_lost(update: dict) -> str | None:
+        is_release = "tokens" not in update.get("$inc", {}) and "version" not in update.get(
+            "$inc", {})
+        if is_release and failed["n"] == 0:
+            failed["n"] += 1
+            return "after"
+        return None
+
+    async def go() -> tuple[int, QuotaLedger]:
+        ledger = ledger_for(mongo_uri, Gate(), faults={"update_one": release_reply_lost})
+        await run_request(ledger, user, "capped", 100, 50)
+        await ledger.flush()
+        account = ledger.accounts[(user, MONTH)]
+        account.last_used -= 60
+        for _ in range(3):
+            with contextlib.suppress(AutoReconnect):
+                await ledger.flush()
+        account = ledger.account(user, MONTH, PLANS["capped"])
+        held = await ledger.reserve(account, 30)
+        ledger.settle(account, held, 30, Usage(prompt_tokens=30))
+        return account.lease, ledger
+
+    lease, ledger = asyncio.run(go())
+    assert failed["n"] == 1
+    assert lease_of(db, user, ledger) == lease > 0

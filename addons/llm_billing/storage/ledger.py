@@ -76,6 +76,7 @@ class Account:
     unflushed_requests: int = 0
     pending: UsageWrite | None = None  # taken from unflushed, not yet known applied
     open_sequence: int | None = None  # the write that will carry what settles now
+    releasing: tuple[int, int] | None = None  # (number, amount) of a lease hand-back in flight
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -88,7 +89,7 @@ class Account:
         return (self.holds == 0 and self.reserved == 0 and self.lease == 0
                 and self.unflushed == 0 and self.unflushed_requests == 0
                 and self.pending is None and self.open_sequence is None
-                and now - self.last_used > IDLE_RELEASE)
+                and self.releasing is None and now - self.last_used > IDLE_RELEASE)
 
 
 class QuotaLedger:
@@ -97,6 +98,7 @@ class QuotaLedger:
         self.instance = instance_id
         self.accounts: dict[tuple[Any, str], Account] = {}
         self._last_sequence = 0  # numbers this instance's usage writes
+        self._last_release = 0  # numbers its lease hand-backs
 
     def account(self, user_id: Any, month: str, plan: Plan) -> Account:
         """The account a request will reserve against; held until ``settle``/``release``."""
@@ -218,11 +220,22 @@ class QuotaLedger:
             return
         idle = account.reserved == 0 and account.holds == 0 and \
             time.monotonic() - account.last_used > IDLE_RELEASE
-        if idle and account.lease:  # a negative lease is an overshoot, now in tokens
-            lease = account.lease
-            await usage.update_one({"_id": account.key},
-                                   {"$inc": {f"leases.{self.instance}.amount": -lease}})
-            account.lease -= lease
+        if idle and account.lease and account.releasing is None:
+            # Out of memory at once: a request arriving during the write takes a new slice
+            # instead of this one. A negative lease is an overshoot, now in tokens.
+            self._last_release += 1
+            account.releasing, account.lease = (self._last_release, account.lease), 0
+        if account.releasing is not None:
+            await self._release(usage, account, *account.releasing)
+
+    async def _release(self, usage, account: Account, number: int, amount: int) -> None:
+        """Hand ``amount`` of the lease back, once however often retried (a lost reply):
+        the update applies only where this hand-back's number is not recorded yet."""
+        lease = f"leases.{self.instance}"
+        await usage.update_one({"_id": account.key, f"{lease}.release": {"$ne": number}},
+                               {"$inc": {f"{lease}.amount": -amount},
+                                "$set": {f"{lease}.release": number}})
+        account.releasing = None
 
     async def _write(self, usage, account: Account, write: UsageWrite) -> None:
         """Apply ``write`` in one compare-and-set update, or find it was applied."""
