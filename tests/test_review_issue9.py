@@ -172,6 +172,33 @@ def test_a_lone_surrogate_in_the_prompt_still_gets_the_output_limit(mongo_uri):
     assert output_sent(flow, Protocol.OPENAI_CHAT) <= rc.hold.tokens <= 1000
 
 
+def test_a_quota_held_by_requests_in_flight_is_retryable(mongo_uri, db):
+    """Nothing used yet, but requests in flight hold the whole quota: the next request is
+    refused for now (retryable 429), not told it can never fit (x-should-retry: false).
+    Once the quota is used up, it is."""
+    user = f"u-{uuid.uuid4().hex[:10]}"
+    body = {"model": "m", "messages": [], "max_tokens": 600}
+
+    async def go() -> list:
+        limits = limits_for(mongo_uri)
+        flows = [request_flow(limits, body, user=user)[0] for _ in range(3)]
+        for flow in flows:
+            await run_limits(limits, flow)
+        await asyncio.to_thread(db.billing.usage.update_one, {"_id": f"{user}:{MONTH}"},
+                                {"$inc": {"tokens": 1000}})
+        other = Limits(limits.ledger.database, limits.settings)  # another instance
+        flows.append(request_flow(other, body, user=user)[0])
+        await run_limits(other, flows[-1])
+        return [flow.response for flow in flows]
+
+    first, second, third, used_up = asyncio.run(go())
+    assert first is None and second is None  # the second, clamped
+    assert third is not None and third.status_code == 429
+    assert "x-should-retry" not in third.headers
+    assert used_up is not None and used_up.status_code == 429
+    assert used_up.headers["x-should-retry"] == "false"
+
+
 def test_an_unexpected_quota_error_holds_nothing(mongo_uri, db):
     """A usage document the ledger cannot read (hostile or corrupt data) must fail
     closed like a database error: 503, the TPM tokens given back, the account let go."""

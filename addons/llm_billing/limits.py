@@ -36,7 +36,7 @@ from .core.plans import Plan, TokenBucket
 from .errors import error_response
 from .settings import Settings
 from .storage.database import Database
-from .storage.ledger import Account, QuotaLedger
+from .storage.ledger import IDLE_RELEASE, Account, QuotaLedger
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,9 @@ class Limits:
                 return
             bucket.take(need.prompt + output, now_mono)  # before any await: see module doc
         account = self.ledger.account(rc.caller.user_id, month_of(now), plan)
+        least = need.prompt_bound + min(output, need.least_output)
         try:
-            held = await self.ledger.reserve(account, need.prompt_bound + output,
-                                             need.prompt_bound + min(output, need.least_output))
+            held = await self.ledger.reserve(account, need.prompt_bound + output, least)
         except Exception as e:  # a blocking plan's quota can't be checked: fail closed
             self._undo(account, bucket, need.prompt + output)
             if isinstance(e, PyMongoError):
@@ -122,6 +122,11 @@ class Limits:
             return
         if not held:
             self._undo(account, bucket, need.prompt + output)
+            if not self.ledger.exhausted(account, least):  # held by requests in flight
+                return self._refuse(
+                    flow, rc, f"Your monthly quota on plan {plan.name} is held by requests "
+                    "in progress. Please try again shortly.", "rate_limit_exceeded",
+                    IDLE_RELEASE, bucket, now_mono)
             return self._never_fits(
                 flow, rc, bucket, now_mono,
                 f"You exceeded your monthly quota of {plan.monthly_tokens} tokens on plan "

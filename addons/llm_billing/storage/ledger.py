@@ -70,6 +70,7 @@ class Account:
     plan: Plan
     lease: int = 0  # granted to this instance (equals its lease in the database)
     reserved: int = 0  # held by requests in flight
+    used: int = 0  # the month's tokens in the database, as last read
     holds: int = 0  # requests between ``account()`` and ``settle``/``release``
     unflushed: int = 0  # settled tokens not yet written (pending write included)
     unflushed_usage: dict[str, int] = field(default_factory=dict)
@@ -153,6 +154,12 @@ class QuotaLedger:
         account.last_used = time.monotonic()
         return account.open_sequence
 
+    def exhausted(self, account: Account, tokens: int) -> bool:
+        """``tokens`` will not fit even once every request in flight and every lease has
+        let go: the month's quota is used up (a write in flight counted as not applied)."""
+        unwritten = account.unflushed - (account.pending.tokens if account.pending else 0)
+        return account.plan.monthly_tokens - account.used - unwritten < tokens
+
     async def _collection(self):
         return (await self.database.client()).billing.usage
 
@@ -164,6 +171,7 @@ class QuotaLedger:
         usage = await self._collection()
         for _ in range(CAS_ATTEMPTS):
             doc = await usage.find_one({"_id": account.key}) or {}
+            account.used = doc.get("tokens", 0)
             now = datetime.now(UTC)
             leased_elsewhere = sum(
                 max(0, lease.get("amount", 0))
