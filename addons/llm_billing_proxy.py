@@ -27,7 +27,7 @@ settings = Settings()
 database = Database()
 user_plans = UserPlans(database, settings)
 limits = Limits(database, settings)
-event_log = EventLog(database, settings)
+event_log = EventLog(database, settings, limits.ledger)  # journal ↔ usage writes
 
 addons = [
     ProxyDefaults(),

@@ -253,3 +253,48 @@ def test_an_account_dropped_and_taken_again_keeps_counting(mongo_uri, db):
 
     asyncio.run(go())
     assert stored(db, user)["tokens"] == 200
+
+
+def test_recovery_counts_what_a_stopped_instance_never_wrote_once(mongo_uri, db):
+    user = f"u-{uuid.uuid4().hex[:10]}"
+    key, dead = f"{user}:{MONTH}", uuid.uuid4().hex[:12]
+    db.billing.usage.insert_one({"_id": key, "user_id": user, "month": MONTH, "tokens": 390,
+                                 "writes": {dead: 3}, "leases": {dead: {"amount": 50}}})
+
+    def event(tokens: int, write: int | None) -> dict:
+        ledger = {"usage": key, "instance": dead} | ({} if write is None else {"write": write})
+        return {"user_id": user, "plan_id": "metered", "tokens_billed": tokens,
+                "usage": {"prompt_tokens": tokens}, "ledger": ledger}
+
+    events = [event(40, 3),  # in write 3: applied before the stop
+              event(30, 4),  # settled, its write never made
+              event(5, None)]  # admitted, never finished: its estimate
+
+    async def go():
+        ledger = ledger_for(mongo_uri, Gate())
+        await ledger.recover(dead, events, PLANS)
+        await ledger.recover(dead, events, PLANS)  # a second replay changes nothing
+
+    asyncio.run(go())
+    doc = stored(db, user)
+    assert doc["tokens"] == 390 + 35 and doc["requests"] == 2
+    assert doc["usage"]["prompt_tokens"] == 35
+    assert doc["overage_tokens"] == 25  # past the 400 of "metered"
+    assert dead in doc["recovered"] and dead not in doc.get("leases", {})
+
+
+def test_a_segment_is_kept_until_its_usage_is_written(tmp_path):
+    from llm_billing.storage.journal import Journal
+
+    applied_below = {"n": 1}
+    journal = Journal(tmp_path, segment_events=2, usage_applied_below=lambda: applied_below["n"])
+    first = journal.append("events_completion", {"_id": 1}, usage_write=1)
+    journal.append("events_completion", {"_id": 2}, usage_write=2)
+    assert first is not None and first.closed
+    journal.stored(first)
+    journal.stored(first)
+    journal.collect()
+    assert first.path.exists()  # stored, but write 2 is not applied: a crash must see it
+    applied_below["n"] = 3
+    journal.collect()
+    assert not first.path.exists()

@@ -25,9 +25,12 @@ from conftest import (
     free_port,
     insert_key,
     openai_client,
+    set_plan,
     start_proxy,
     stop_proxy,
+    usage_doc,
     wait_for_events,
+    wait_for_usage,
     write_config,
 )
 from fake_upstream import FakeUpstream
@@ -176,3 +179,38 @@ def test_events_survive_a_database_outage_and_a_crash(tmp_path: Path, upstream: 
     finally:
         stop_proxy(proxy)
         db_process.terminate()
+
+
+def test_usage_not_yet_written_survives_a_sigkill(tmp_path: Path, mongo_uri: str,
+                                                  upstream: FakeUpstream, db):
+    """Settled usage waits in memory for the ledger's next write (here: never, the interval
+    is 10 minutes). A SIGKILL then must not lose it: the journal keeps the events' segments
+    until their usage is written, and the next start counts it, once, with the overage."""
+    config = write_config(tmp_path / "config.toml", upstream.url, "http://127.0.0.1:9")
+    args = ("--set", "usage_flush_interval_ms=600000")
+    starter, free = insert_key(db), insert_key(db)
+    set_plan(db, starter.user_id, "starter", tokens_used=99_990)  # overage from here
+    set_plan(db, free.user_id, "free")
+    proxy = start_proxy(tmp_path, mongo_uri, config, *args)
+    for key in (starter, free, starter):
+        chat(proxy, key.token, "gpt-4o-mini", max_tokens=20)
+    billed = {key.user_id: sum(e["tokens_billed"] for e in wait_for_events(db, key.user_id, n))
+              for key, n in ((starter, 2), (free, 1))}
+    time.sleep(0.5)  # the events are stored; their usage is not
+    proxy.process.kill()
+    proxy.process.wait(10)
+    assert usage_doc(db, starter.user_id)["tokens"] == 99_990
+    assert usage_doc(db, free.user_id).get("tokens", 0) == 0
+    proxy = start_proxy(tmp_path, mongo_uri, config, *args)
+    try:
+        doc = wait_for_usage(db, starter.user_id, 99_990 + billed[starter.user_id])
+        assert doc["tokens"] == 99_990 + billed[starter.user_id] and doc["requests"] == 2
+        assert doc["overage_tokens"] == 99_990 + billed[starter.user_id] - 100_000
+        doc = wait_for_usage(db, free.user_id, billed[free.user_id])
+        assert doc["tokens"] == billed[free.user_id] and doc["requests"] == 1
+        time.sleep(1)  # nothing is counted twice
+        assert usage_doc(db, starter.user_id)["tokens"] == 99_990 + billed[starter.user_id]
+        assert db.billing.events_completion.count_documents(
+            {"user_id": {"$in": [starter.user_id, free.user_id]}}) == 3
+    finally:
+        stop_proxy(proxy)

@@ -29,6 +29,7 @@ from .core.outcome import Outcome
 from .settings import Settings
 from .storage.database import Database
 from .storage.journal import Journal, Segment, append_lines
+from .storage.ledger import QuotaLedger
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,11 @@ def unstorable(doc: dict[str, Any]) -> str | None:
 
 
 class EventLog:
-    def __init__(self, database: Database, settings: Settings | None = None) -> None:
+    def __init__(self, database: Database, settings: Settings | None = None,
+                 ledger: QuotaLedger | None = None) -> None:
         self.database = database
         self.settings = settings
+        self.ledger = ledger  # the usage ledger its journal keeps segments for
         self.queue: asyncio.Queue[Queued] = asyncio.Queue()
         self.written = 0
         self.journal: Journal | None = None
@@ -90,8 +93,12 @@ class EventLog:
 
     def running(self) -> None:
         if self._writer is None:
-            self.journal = Journal(self._data_dir() / "journal",
-                                   ctx.options.event_journal_segment_events)
+            journal = Journal(self._data_dir() / "journal",
+                              ctx.options.event_journal_segment_events)
+            if self.ledger is not None:  # one id: the journal's files name the ledger's writes
+                journal.token = self.ledger.instance
+                journal.usage_applied_below = self.ledger.applied_below
+            self.journal = journal
             self._writer = asyncio.create_task(self._run())
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -114,7 +121,8 @@ class EventLog:
         self.submit(COMPLETIONS, completion_event(rc, outcome, prices), rc.intent)
 
     def submit(self, collection: str, doc: dict[str, Any], intent: Segment | None = None) -> None:
-        segment = self.journal.append(collection, doc) if self.journal else None
+        write = (doc.get("ledger") or {}).get("write", 0)
+        segment = self.journal.append(collection, doc, write) if self.journal else None
         self.queue.put_nowait((collection, doc, (segment, intent)))
 
     async def _run(self) -> None:
@@ -124,7 +132,7 @@ class EventLog:
             logger.exception("Journal replay failed")
         while True:
             # Visible to done() from the moment it leaves the queue.
-            batch = self._in_flight = [await self.queue.get()]
+            batch = self._in_flight = [await self._next_event()]
             deadline = time.monotonic() + ctx.options.event_flush_interval_ms / 1000
             while len(batch) < ctx.options.event_batch_size:
                 timeout = deadline - time.monotonic()
@@ -142,7 +150,18 @@ class EventLog:
                 for _, _, segments in batch:
                     for segment in segments:
                         self.journal.stored(segment)
+                self.journal.collect()
             self._in_flight = []
+
+    async def _next_event(self) -> Queued:
+        """The next queued event; while none comes, segments whose usage got written since
+        they were stored are deleted every second."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), 1.0)
+            except TimeoutError:
+                if self.journal is not None:
+                    self.journal.collect()
 
     async def write(self, batch: list[dict[str, Any]], collection: str = COMPLETIONS) -> None:
         """Store ``batch`` in ``billing.<collection>``, retrying until the database takes it.
@@ -229,8 +248,26 @@ class EventLog:
         for collection, docs in final.items():
             for start in range(0, len(docs), 500):
                 await self.write(docs[start : start + 500], collection)
+        await self._recover_usage(paths, [d for docs in final.values() for d in docs])
         for path in paths:
             path.unlink()
+
+    async def _recover_usage(self, paths: list[Path], events: list[dict[str, Any]]) -> None:
+        """What the stopped instances settled but never wrote to ``billing.usage``."""
+        if self.ledger is None or self.settings is None or self.settings.config is None:
+            return
+        assert self.journal is not None
+        for instance in sorted({self.journal.token_of(path) for path in paths}):
+            counted = [e for e in events if isinstance(e.get("ledger"), dict)
+                       and e["ledger"].get("instance") == instance
+                       and isinstance(e["ledger"].get("usage"), str)]
+            while True:
+                try:
+                    await self.ledger.recover(instance, counted, self.settings.config.plans)
+                    break
+                except PyMongoError as e:
+                    logger.warning(f"Usage recovery waits for the database ({type(e).__name__})")
+                    await asyncio.sleep(1.0)
 
     async def _stored_ids(self, ids: list[Any]) -> set[Any]:
         """Which of ``ids`` are stored events, completed or failed (waits for the database)."""

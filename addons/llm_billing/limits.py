@@ -54,7 +54,7 @@ class Hold:
 class Limits:
     def __init__(self, database: Database, settings: Settings) -> None:
         self.settings = settings
-        self.ledger = QuotaLedger(database, f"proxy-{uuid.uuid4().hex[:12]}")
+        self.ledger = QuotaLedger(database, uuid.uuid4().hex[:12])
         self.buckets: dict[Any, TokenBucket] = {}
         self._flusher: asyncio.Task | None = None
 
@@ -138,6 +138,7 @@ class Limits:
         if bucket is not None and need.prompt + output < taken:  # clamped: give the rest back
             bucket.adjust(need.prompt + output - taken, now_mono)
         rc.hold = Hold(account, held, bucket, need.prompt + output)
+        rc.ledger = {"usage": account.key, "instance": self.ledger.instance}
         self._apply_output_limit(flow, rc, body, need, plan, output)
 
     def _apply_output_limit(self, flow: http.HTTPFlow, rc: context.RequestContext,
@@ -197,7 +198,8 @@ class Limits:
             return
         hold, rc.hold = rc.hold, None
         used = math.ceil(tokens_billed(rc, outcome))
-        self.ledger.settle(hold.account, hold.tokens, used, outcome.usage)
+        write = self.ledger.settle(hold.account, hold.tokens, used, outcome.usage)
+        rc.ledger = {**(rc.ledger or {}), "write": write}  # on its event: see ledger.recover
         if hold.bucket is not None:
             hold.bucket.adjust(used - hold.bucket_tokens, time.monotonic())
 

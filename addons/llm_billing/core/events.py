@@ -42,6 +42,8 @@ def _common(ctx: RequestContext, result: Outcome, finished: datetime) -> dict[st
     })
     if result.error:
         doc["error"] = result.error
+    if ctx.ledger is not None:
+        doc["ledger"] = dict(ctx.ledger)
     return doc
 
 

@@ -46,6 +46,9 @@ class RequestContext:
     request_bytes: int = 0
     plan: Plan | None = None  # the user's plan (UserPlans)
     hold: Any = None  # the Limits addon's reservation for this request
+    # Where the Limits addon counts it: usage document, instance and (once settled) the
+    # number of the usage write that carries it — recorded on its events (ledger.recover).
+    ledger: dict[str, Any] | None = None
     replayed: bool = False  # rebuilt from a saved flow, not a live request
     meter: StreamMeter | None = None
     outcome: Outcome | None = None  # set once, by the Settle addon

@@ -20,9 +20,10 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
@@ -111,21 +112,34 @@ class Segment:
     appended: int = 0
     stored: int = 0
     closed: bool = False
+    usage_write: int = 0  # the highest usage write (ledger.py) its events were counted in
 
     def finished(self) -> bool:
         return self.closed and self.stored >= self.appended
 
 
+def _no_usage_writes() -> int:
+    return sys.maxsize
+
+
 @dataclass
 class Journal:
+    """Segments of this process's events. A segment is deleted once all its events are
+    stored *and* the usage writes they were counted in are applied (``usage_applied_below``,
+    from the ledger): until then a crash leaves it for ``recover`` to finish the work."""
+
     directory: Path
     segment_events: int = 1000
-    _token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    usage_applied_below: Callable[[], int] = _no_usage_writes
     _current: Segment | None = None
     _sequence: int = 0
+    _waiting: list[Segment] = field(default_factory=list)  # stored, usage not yet applied
 
-    def append(self, collection: str, doc: dict[str, Any]) -> Segment | None:
-        """Journal one event; None if the disk refused (the event still goes on)."""
+    def append(self, collection: str, doc: dict[str, Any],
+               usage_write: int = 0) -> Segment | None:
+        """Journal one event (counted in usage write ``usage_write``, if any); None if the
+        disk refused (the event still goes on)."""
         try:
             segment = self._segment()
             assert segment.file is not None
@@ -135,6 +149,7 @@ class Journal:
             logger.error(f"Event journal unavailable ({e}); events are kept in memory only")
             return None
         segment.appended += 1
+        segment.usage_write = max(segment.usage_write, usage_write)
         if segment.appended >= self.segment_events:
             self._close(segment)
         return segment
@@ -144,19 +159,38 @@ class Journal:
         if segment is None:
             return
         segment.stored += 1
-        if segment.finished():
+        self._retire(segment)
+
+    def collect(self) -> None:
+        """Delete the segments whose usage writes were applied since they were stored."""
+        applied_below = self.usage_applied_below()
+        for segment in [s for s in self._waiting if s.usage_write < applied_below]:
+            self._waiting.remove(segment)
             self._delete(segment)
+
+    def _retire(self, segment: Segment) -> None:
+        if not segment.finished():
+            return
+        if segment.usage_write < self.usage_applied_below():
+            self._delete(segment)
+        elif segment not in self._waiting:
+            self._waiting.append(segment)
 
     def close(self) -> None:
         """Shutdown: the open segment is kept only if some of its events are not stored."""
         if self._current is not None:
             self._close(self._current)
 
+    @staticmethod
+    def token_of(path: Path) -> str:
+        """The token (the ledger's instance id) of the process that wrote ``path``."""
+        return path.stem.split("-", 3)[2]
+
     def orphans(self) -> Iterator[Path]:
         """Segments of processes that are gone (never this process's own)."""
         for path in sorted(self.directory.glob("events-*.jsonl")):
             _, pid, token, _ = path.stem.split("-", 3)
-            if token == self._token:
+            if token == self.token:
                 continue
             if int(pid) != os.getpid() and _alive(int(pid)):
                 continue  # another proxy on this host, sharing the data directory
@@ -179,7 +213,7 @@ class Journal:
         if self._current is None or self._current.closed:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._sequence += 1
-            path = self.directory / (f"events-{os.getpid()}-{self._token}-"
+            path = self.directory / (f"events-{os.getpid()}-{self.token}-"
                                      f"{self._sequence:06d}.jsonl")
             self._current = Segment(path, path.open("a"))
         return self._current
@@ -189,8 +223,7 @@ class Journal:
         if segment.file is not None:
             segment.file.close()
             segment.file = None
-        if segment.finished():
-            self._delete(segment)
+        self._retire(segment)
 
     @staticmethod
     def _delete(segment: Segment) -> None:

@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -280,15 +282,54 @@ class QuotaLedger:
         if plan.blocks_at_quota:  # the used tokens leave this instance's lease
             inc[f"leases.{self.instance}.amount"] = -write.tokens
             fields[f"leases.{self.instance}.expires"] = now + LEASE_TTL
-        # Exact however instances interleave: ``before`` is what this update changes.
-        over = overage_split(before, write.tokens, plan.monthly_tokens)
-        if over and plan.overage_price is not None:
-            cost = Decimal128(Decimal(over) * plan.overage_price)
-            inc |= {"overage_tokens": over, "overage_cost": cost,
-                    f"overage_by_plan.{plan.id}.tokens": over,
-                    f"overage_by_plan.{plan.id}.cost": cost}
+        inc |= _overage(plan, before, write.tokens)
         return {"$inc": inc, "$set": fields,
                 "$setOnInsert": {"user_id": account.user_id, "month": account.month}}
+
+    async def recover(self, instance: str, events: list[dict[str, Any]],
+                      plans: Mapping[str, Plan]) -> None:
+        """Count in ``billing.usage`` what a stopped instance settled (or admitted, for an
+        unfinished request) but never wrote: ``events`` are the billed events its journal
+        held, each with its ``ledger`` record. Once per instance and usage document: the
+        ``recovered.<instance>`` mark goes in the same update as the counts."""
+        usage = await self._collection()
+        by_document: dict[str, list[dict[str, Any]]] = {}
+        for event in events:
+            by_document.setdefault(event["ledger"]["usage"], []).append(event)
+        for key, documents_events in by_document.items():
+            await self._recover_document(usage, instance, key, documents_events, plans)
+
+    async def _recover_document(self, usage, instance: str, key: str,
+                                events: list[dict[str, Any]],
+                                plans: Mapping[str, Plan]) -> None:
+        user_id, _, month = key.rpartition(":")
+        for _ in range(CAS_ATTEMPTS):
+            doc = await usage.find_one({"_id": key}) or {}
+            if instance in doc.get("recovered", {}):
+                return
+            applied = doc.get("writes", {}).get(instance, 0)
+            unwritten = [e for e in events if e["ledger"].get("write", applied + 1) > applied]
+            tokens = sum(math.ceil(e.get("tokens_billed", 0)) for e in unwritten)
+            inc: dict[str, Any] = {"tokens": tokens, "requests": len(unwritten), "version": 1}
+            for event in unwritten:
+                for name, value in (event.get("usage") or {}).items():
+                    inc[f"usage.{name}"] = inc.get(f"usage.{name}", 0) + value
+            if (plan := plans.get(events[-1].get("plan_id", ""))) is not None:
+                inc |= _overage(plan, doc.get("tokens", 0), tokens)
+            version = doc.get("version", {"$exists": False})
+            try:
+                result = await usage.update_one({"_id": key, "version": version}, {
+                    "$inc": inc, "$set": {f"recovered.{instance}": datetime.now(UTC)},
+                    "$unset": {f"leases.{instance}": ""},
+                    "$setOnInsert": {"user_id": events[-1].get("user_id", user_id),
+                                     "month": month}}, upsert=not doc)
+            except DuplicateKeyError:
+                continue
+            if result.matched_count or result.upserted_id is not None:
+                logger.info(f"Recovered usage of stopped instance {instance} for {key}: "
+                            f"{tokens} tokens in {len(unwritten)} requests")
+                return
+        raise UsageContention(f"usage recovery for {key}: too much contention")
 
     def applied_below(self) -> int:
         """Every write numbered below this is applied (or was never needed)."""
@@ -317,6 +358,17 @@ class QuotaLedger:
     async def _final_flush(self) -> None:
         await self.flush()
         await self.flush()  # the second pass hands back leases emptied by the first
+
+
+def _overage(plan: Plan, before: int, tokens: int) -> dict[str, Any]:
+    """The overage fields of an update adding ``tokens`` to a month that had ``before``:
+    exact however instances interleave, as ``before`` is what that very update changes."""
+    over = overage_split(before, tokens, plan.monthly_tokens)
+    if not over or plan.overage_price is None:
+        return {}
+    cost = Decimal128(Decimal(over) * plan.overage_price)
+    return {"overage_tokens": over, "overage_cost": cost,
+            f"overage_by_plan.{plan.id}.tokens": over, f"overage_by_plan.{plan.id}.cost": cost}
 
 
 class UsageContention(PyMongoError):
