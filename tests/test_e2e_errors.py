@@ -105,6 +105,21 @@ def test_unstorable_model_name_is_refused(proxy: Proxy, key: ApiKey, db, model: 
     assert_nothing_billed(proxy, db, key)
 
 
+def test_lone_surrogate_in_a_streamed_prompt_is_forwarded_and_billed(proxy: Proxy,
+                                                                    key: ApiKey, db):
+    """Valid JSON that is no UTF-8 once decoded: re-encoding it for include_usage must not
+    fail (it used to: 502)."""
+    content = (b'{"model": "gpt-4o-mini", "stream": true, '
+               b'"messages": [{"role": "user", "content": "hi \\ud800"}]}')
+    response = httpx.post(f"{proxy.url}/v1/chat/completions", content=content,
+                          headers={"Authorization": f"Bearer {key.token}",
+                                   "content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert "data: [DONE]" in response.text
+    [event] = wait_for_events(db, key.user_id, 1)
+    assert not event["usage_estimated"]
+
+
 def test_upstream_down(proxy: Proxy, key: ApiKey, db):
     with pytest.raises(openai.InternalServerError) as err:
         openai_client(proxy, key.token).chat.completions.create(

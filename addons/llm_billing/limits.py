@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from .core.dates import month_of, openai_duration, seconds_to_next_month
 from .core.events import tokens_billed
 from .core.outcome import Outcome
 from .core.plans import Plan, TokenBucket
+from .core.usage import dump_json
 from .errors import error_response
 from .settings import Settings
 from .storage.database import Database
@@ -152,10 +152,8 @@ class Limits:
                              openai_native=rc.backend.host == OPENAI_HOST)
             rc.clamped_output = output
         # Sent as measured, even unchanged: a key given twice is read as its last value here
-        # but as its first by some servers. A lone surrogate ("\ud800", valid JSON, no
-        # UTF-8) goes back out as the same JSON escape.
-        flow.request.content = json.dumps(body, ensure_ascii=False).encode(
-            "utf-8", "backslashreplace")
+        # but as its first by some servers.
+        flow.request.content = dump_json(body)
 
     def _undo(self, account: Account, bucket: TokenBucket | None, tokens: int) -> None:
         self.ledger.release(account)

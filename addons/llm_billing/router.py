@@ -9,7 +9,6 @@ Upstream credentials are attached by ``UpstreamCredentials`` at the end of the c
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from mitmproxy import http
@@ -17,7 +16,7 @@ from mitmproxy import http
 from . import context
 from .core.config import Backend, Config
 from .core.estimate import CHARS_PER_TOKEN, prompt_size
-from .core.usage import parse_json
+from .core.usage import dump_json, parse_json
 from .errors import error_response
 from .settings import Settings
 
@@ -104,7 +103,7 @@ class Router:
         ctx.body = body  # the limits may set its output limit
         if ctx.protocol.accepts_stream_options and inject_include_usage(body):
             ctx.usage_injected = True
-            flow.request.content = json.dumps(body, ensure_ascii=False).encode()
+            flow.request.content = dump_json(body)
             # The meter edits this stream; keep it uncompressed so it can.
             flow.request.headers["accept-encoding"] = "identity"
         request = flow.request

@@ -211,6 +211,12 @@ def parse_json(data: str | bytes) -> Any:
         return None
 
 
+def dump_json(value: Any) -> bytes:
+    """A request body as UTF-8 JSON, like clients send it. A lone surrogate (``"\\ud800"``
+    is valid JSON, but no UTF-8) goes back out as the same JSON escape."""
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
 def is_usage_only_chunk(payload: Any) -> bool:
     """The extra chunk OpenAI-compatible servers send for ``include_usage``."""
     return (
