@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ApiKey, Proxy, openai_client, usage_doc, wait_for_events, wait_for_usage
 from fake_upstream import FakeUpstream, openai_chat_stream
-from llm_billing.core.estimate import prompt_chars
+from llm_billing.core.estimate import prompt_tokens
 
 MESSAGES = [{"role": "user", "content": "Hi there"}]
 REPLY = "Hello! How can I help you today?"
@@ -43,7 +43,7 @@ def test_absurd_usage_is_estimated_and_other_users_are_unaffected(
     assert event["usage_estimated"] is True
     assert event["estimate_method"].startswith("provider usage not trusted")
     body = {"model": "gpt-4o-mini", "messages": MESSAGES}
-    assert event["prompt_n"] == math.ceil(prompt_chars(body) / 4)
+    assert event["prompt_n"] == prompt_tokens(body)
     assert event["completion_n"] == math.ceil(len(REPLY) / 4)
     assert event["tokens_billed"] == event["prompt_n"] + event["completion_n"]
     assert wait_for_usage(db, broken.user_id, event["tokens_billed"])["tokens"] == \

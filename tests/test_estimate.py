@@ -19,7 +19,6 @@ from llm_billing.core.estimate import (
     PDF_PAGE_TOKENS,
     UNKNOWN_DOCUMENT_PAGES,
     estimate_tokens,
-    prompt_chars,
     prompt_size,
     prompt_tokens,
 )
@@ -47,7 +46,6 @@ def b64(data: bytes) -> str:
 
 def test_300_kib_image_in_a_chat_request_estimates_under_2000_tokens():
     body = chat({"type": "image_url", "image_url": {"url": PNG_URL}})
-    assert estimate_tokens(prompt_chars(body)) < 2_000  # what the callers compute today
     assert prompt_tokens(body) < 2_000
     # the text strings ("user", "text", the question) plus one image
     assert prompt_tokens(body) == estimate_tokens(4 + 4 + len(QUESTION)) + IMAGE_TOKENS
@@ -105,7 +103,6 @@ def test_media_counts_by_kind_in_every_providers_shape(part: dict[str, Any], tok
     text_only = prompt_tokens(chat())
     assert text_only == TEXT
     assert prompt_tokens(body) - text_only == tokens
-    assert estimate_tokens(prompt_chars(body)) == prompt_tokens(body)
 
 
 def test_anthropic_and_gemini_requests_and_text_unchanged():
@@ -120,7 +117,7 @@ def test_anthropic_and_gemini_requests_and_text_unchanged():
         {"text": QUESTION}, {"inlineData": {"mimeType": "image/jpeg", "data": IMAGE}}]}]}
     assert prompt_tokens(gemini) == estimate_tokens(4 + len(QUESTION)) + IMAGE_TOKENS
     text = {"messages": [{"role": "user", "content": "z" * 1000}], "tools": [{"name": "f"}]}
-    assert prompt_chars(text) == 4 + 1000 + 1 and prompt_tokens(text) == 252
+    assert prompt_tokens(text) == estimate_tokens(4 + 1000 + 1) == 252
 
 
 def test_pdf_pages_are_counted_in_bounded_time_and_extrapolated():
@@ -174,7 +171,6 @@ json_values = st.recursive(
 def test_never_raises_never_negative(body: dict[str, Any]):
     tokens = prompt_tokens(body)
     assert isinstance(tokens, int) and tokens >= 0
-    assert estimate_tokens(prompt_chars(body)) == tokens
 
 
 @given(st.integers(0, 2_000_000), st.sampled_from(["image/png", "image/jpeg"]))

@@ -67,7 +67,7 @@ def test_an_absurd_count_is_recorded_and_never_billed(protocol: Protocol, payloa
                                                       anomaly: str):
     tracker = UsageTracker(protocol)
     tracker.observe_event(SSEEvent("", json.dumps(payload), None))
-    usage, method = settle_usage(tracker, prompt_chars=40)
+    usage, method = settle_usage(tracker, prompt_tokens=10)
     bson.encode(usage.as_document())  # fits the event and the ledger (int64)
     assert usage == Usage(prompt_tokens=10)  # the prompt estimated; nothing was delivered
     assert method is not None and "not trusted" in method
@@ -81,9 +81,10 @@ def test_the_anomaly_sticks_and_delivered_text_is_still_counted():
     tracker.observe_body(json.dumps(body).encode())
     tracker.observe_event(SSEEvent("", json.dumps(  # a sane usage later does not clear it
         {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}), None))
-    usage, method = settle_usage(tracker, prompt_chars=8)
+    usage, method = settle_usage(tracker, prompt_tokens=2)
     assert usage == Usage(prompt_tokens=2, completion_tokens=100)  # 400 characters / 4
-    assert method == "provider usage not trusted: prompt and delivered characters/4"
+    assert method == ("provider usage not trusted: output: delivered characters/4; "
+                      "prompt: text characters/4 plus media by kind")
     assert tracker.usage_anomaly == "completion_tokens 1e+30 out of range"
 
 
@@ -101,7 +102,7 @@ def test_counts_up_to_the_bound_are_trusted():
 def test_any_count_is_either_sane_or_an_anomaly(value):
     tracker = UsageTracker(Protocol.GEMINI)
     tracker.observe_json({"usageMetadata": {"candidatesTokenCount": value}})
-    usage, _ = settle_usage(tracker, prompt_chars=4)
+    usage, _ = settle_usage(tracker, prompt_tokens=1)
     assert all(0 <= n <= 2 * MAX_TOKENS for n in usage.as_document().values())
     sane = (isinstance(value, int | float) and not isinstance(value, bool)
             and math.isfinite(value) and value == int(value) and 0 <= value <= MAX_TOKENS)
@@ -227,7 +228,7 @@ def test_a_cut_gemini_array_is_billed_from_what_it_delivered(data):
     meter.close()
     assert meter.tracker.usage == Usage(prompt_tokens=30, completion_tokens=2000)
     assert meter.tracker.output_chars == 8000
-    usage, method = settle_usage(meter.tracker, prompt_chars=0)
+    usage, method = settle_usage(meter.tracker, prompt_tokens=0)
     assert usage == Usage(prompt_tokens=30, completion_tokens=2000)
     assert method == "output: delivered characters/4; input: provider"
 
@@ -240,7 +241,7 @@ def test_a_whole_gemini_array_is_final(cuts: list[int]):
     meter(b"")
     meter.close()
     assert meter.tracker.usage == Usage(prompt_tokens=30, completion_tokens=2050)
-    assert settle_usage(meter.tracker, prompt_chars=0)[1] is None
+    assert settle_usage(meter.tracker, prompt_tokens=0)[1] is None
 
 
 def test_each_element_is_metered_as_it_arrives_and_the_body_is_not_kept():

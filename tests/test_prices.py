@@ -155,7 +155,7 @@ def test_anthropic_non_streamed_and_split_without_total():
 
 def test_cut_stream_estimate_keeps_the_one_hour_writes():
     tracker = anthropic_events({"type": "message_start", "message": {"usage": CACHE_USAGE}})
-    usage, method = settle_usage(tracker, prompt_chars=400)
+    usage, method = settle_usage(tracker, prompt_tokens=100)
     assert method is not None and usage.cache_write_1h_tokens == 768
 
 

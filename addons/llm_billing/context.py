@@ -15,6 +15,7 @@ from bson import json_util
 from mitmproxy import http
 
 from .core.config import Backend, Route
+from .core.estimate import estimate_tokens
 from .core.request import Caller, RequestContext
 
 __all__ = ["Caller", "RequestContext", "attach", "of", "restore", "summarize"]
@@ -45,7 +46,7 @@ def summarize(flow: http.HTTPFlow, **extra: Any) -> None:
         event_id=str(ctx.event_id), user_id=str(ctx.caller.user_id), model=ctx.model,
         backend=ctx.backend.name if ctx.backend else None, plan_id=ctx.plan_id,
         path=ctx.path, stream=ctx.stream, usage_injected=ctx.usage_injected,
-        prompt_chars=ctx.prompt_chars, request_bytes=ctx.request_bytes, started=ctx.started,
+        prompt_tokens=ctx.prompt_tokens, request_bytes=ctx.request_bytes, started=ctx.started,
         ids=json_util.dumps({"event_id": ctx.event_id, "user_id": ctx.caller.user_id,
                              "key_id": ctx.caller.key_id}),
         **extra,
@@ -61,8 +62,15 @@ def restore(flow: http.HTTPFlow, route: Route, backend: Backend | None) -> Reque
         path=summary["path"], event_id=ids["event_id"], started=summary["started"],
         plan_id=summary["plan_id"], model=summary["model"], backend=backend,
         stream=summary["stream"], usage_injected=summary["usage_injected"],
-        prompt_chars=summary["prompt_chars"], request_bytes=summary["request_bytes"],
+        prompt_tokens=_prompt_tokens(summary), request_bytes=summary["request_bytes"],
         replayed=True,
     )
     attach(flow, ctx)
     return ctx
+
+
+def _prompt_tokens(summary: dict[str, Any]) -> int:
+    """A snapshot's prompt estimate; flows saved before 0.2 hold characters instead."""
+    if "prompt_tokens" in summary:
+        return summary["prompt_tokens"]
+    return estimate_tokens(summary.get("prompt_chars", 0))

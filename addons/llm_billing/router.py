@@ -15,7 +15,7 @@ from mitmproxy import http
 
 from . import context
 from .core.config import Backend, Config
-from .core.estimate import CHARS_PER_TOKEN, prompt_size
+from .core.estimate import prompt_size
 from .core.usage import dump_json, parse_json
 from .errors import error_response
 from .settings import Settings
@@ -98,7 +98,6 @@ class Router:
         ctx.plan_id = ctx.plan.id if ctx.plan else config.default_plan
         ctx.stream = ctx.route.streaming_path or body.get("stream") is True
         ctx.prompt_tokens, ctx.prompt_bound = prompt_size(body)
-        ctx.prompt_chars = ctx.prompt_tokens * CHARS_PER_TOKEN  # for estimate_tokens()
         ctx.request_bytes = len(flow.request.raw_content or b"")
         ctx.body = body  # the limits may set its output limit
         if ctx.protocol.accepts_stream_options and inject_include_usage(body):

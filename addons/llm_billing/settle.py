@@ -75,7 +75,7 @@ def outcome(flow: http.HTTPFlow, ctx: RequestContext) -> Outcome:
         usage_anomaly=tracker.usage_anomaly)
     if status is None or status >= 400:
         return Outcome(usage=None, **common)
-    usage, method = settle_usage(tracker, ctx.prompt_chars)
+    usage, method = settle_usage(tracker, ctx.prompt_tokens)
     if ctx.route.metering is not None:
         common["metered"], common["metering_error"] = _evaluate(flow, ctx, meter, status)
     return Outcome(usage=usage, estimated=method is not None, estimate_method=method, **common)

@@ -72,15 +72,6 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     return estimate_tokens(tally.chars) + tally.tokens
 
 
-def prompt_chars(body: dict[str, Any]) -> int:
-    """``prompt_tokens`` in characters: ``estimate_tokens(prompt_chars(b)) == prompt_tokens(b)``.
-
-    Kept for callers that store characters and convert with ``estimate_tokens``; new code
-    should call ``prompt_tokens``."""
-    tally = _tally(body)
-    return tally.chars + tally.tokens * CHARS_PER_TOKEN
-
-
 def prompt_size(body: dict[str, Any]) -> tuple[int, int]:
     """``(prompt_tokens(body), bound)`` in one pass. The bound is at most how many prompt
     tokens the request can be (what a blocking quota holds before it runs): every token of

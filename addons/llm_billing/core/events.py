@@ -13,14 +13,13 @@ from typing import Any
 
 from bson import Decimal128
 
-from .estimate import CHARS_PER_TOKEN, estimate_tokens
-from .outcome import Outcome
+from .outcome import PROMPT_ESTIMATE, Outcome
 from .prices import PriceTable
 from .request import RequestContext
 from .usage import Usage
 
-UNFINISHED = (f"proxy stopped before the response finished: prompt estimated from its "
-              f"characters/{CHARS_PER_TOKEN}, output unknown")
+UNFINISHED = (f"proxy stopped before the response finished: prompt estimated "
+              f"({PROMPT_ESTIMATE}), output unknown")
 
 
 def _common(ctx: RequestContext, result: Outcome, finished: datetime) -> dict[str, Any]:
@@ -103,7 +102,7 @@ def failure_event(ctx: RequestContext, result: Outcome,
 def intent_event(ctx: RequestContext, prices: PriceTable) -> dict[str, Any]:
     """What a request is billed if the proxy stops before recording its real outcome:
     its prompt, estimated. Journaled when the request goes upstream; stored only then."""
-    outcome = Outcome(status=None, usage=Usage(prompt_tokens=estimate_tokens(ctx.prompt_chars)),
+    outcome = Outcome(status=None, usage=Usage(prompt_tokens=ctx.prompt_tokens),
                       estimated=True, estimate_method=UNFINISHED, error=UNFINISHED)
     return completion_event(ctx, outcome, prices,
                             finished=datetime.fromtimestamp(ctx.started, UTC))

@@ -29,13 +29,17 @@ class Outcome:
 
 
 
-def settle_usage(tracker: UsageTracker, prompt_chars: int) -> tuple[Usage, str | None]:
-    """The usage to bill and, when it is estimated, how."""
+PROMPT_ESTIMATE = f"text characters/{CHARS_PER_TOKEN} plus media by kind"
+
+
+def settle_usage(tracker: UsageTracker, prompt_tokens: int) -> tuple[Usage, str | None]:
+    """The usage to bill and, when it is estimated, how. ``prompt_tokens``: the request's
+    estimated prompt (core/estimate.py)."""
     if tracker.usage_anomaly:  # an absurd count: nothing the provider said is billed
-        return (Usage(prompt_tokens=estimate_tokens(prompt_chars),
+        return (Usage(prompt_tokens=prompt_tokens,
                       completion_tokens=estimate_tokens(tracker.output_chars)),
-                f"provider usage not trusted: prompt and delivered "
-                f"characters/{CHARS_PER_TOKEN}")
+                f"provider usage not trusted: output: delivered characters/"
+                f"{CHARS_PER_TOKEN}; prompt: {PROMPT_ESTIMATE}")
     usage = tracker.usage
     if usage is not None and tracker.usage_final:
         return usage, None
@@ -43,7 +47,8 @@ def settle_usage(tracker: UsageTracker, prompt_chars: int) -> tuple[Usage, str |
     if usage is not None:  # e.g. Anthropic's message_start: input exact, output so far
         partial = replace(usage, completion_tokens=max(usage.completion_tokens, delivered))
         return partial, f"output: delivered characters/{CHARS_PER_TOKEN}; input: provider"
-    estimate = Usage(prompt_tokens=estimate_tokens(prompt_chars), completion_tokens=delivered)
-    return estimate, f"prompt and delivered characters/{CHARS_PER_TOKEN}"
+    estimate = Usage(prompt_tokens=prompt_tokens, completion_tokens=delivered)
+    return estimate, (f"output: delivered characters/{CHARS_PER_TOKEN}; "
+                      f"prompt: {PROMPT_ESTIMATE}")
 
 

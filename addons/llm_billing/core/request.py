@@ -38,7 +38,6 @@ class RequestContext:
     backend: Backend | None = None
     stream: bool = False
     usage_injected: bool = False  # we added stream_options.include_usage; hide its chunk
-    prompt_chars: int = 0  # characters of prompt text, for estimates only
     prompt_tokens: int = 0  # estimated prompt tokens (what tokens-per-minute holds)
     prompt_bound: int = 0  # at most this many prompt tokens (what a blocking quota holds)
     body: dict[str, Any] | None = None  # the parsed request, until the limits are applied
