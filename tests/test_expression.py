@@ -109,7 +109,7 @@ def test_evaluation_errors(source: str):
 
 def test_billable_values():
     assert billable(3) == 3 and billable(2.5) == 2.5 and billable("12") == 12
-    for bad in (None, True, "x", -1, float("nan"), [1]):
+    for bad in (None, True, "x", -1, float("nan"), [1], 10**30, "1e300"):
         with pytest.raises(EvaluationError):
             billable(bad)
 

@@ -586,6 +586,9 @@ def compile_expression(source: str, allowed: frozenset[str] = VARIABLES) -> Expr
     return Expression(source, frozenset(parser.variables), root)
 
 
+MAX_BILLABLE = 10**12
+
+
 def billable(value: Any) -> int | float:
     """An expression's result as a billable quantity (numbers, or numeric strings)."""
     if isinstance(value, str):
@@ -597,4 +600,6 @@ def billable(value: Any) -> int | float:
         raise EvaluationError(f"result is {_type(value)}, not a number")
     if value < 0:
         raise EvaluationError(f"result {value} is negative")
+    if value > MAX_BILLABLE:  # would overflow the ledger's int64 counts; nobody uses this many
+        raise EvaluationError(f"result {value} is out of range (at most {MAX_BILLABLE})")
     return value
