@@ -263,3 +263,18 @@ def test_quota_survives_a_restart(tmp_path, mongo_uri: str, upstream: FakeUpstre
                 model="gpt-4o-mini", messages=PROMPT, max_tokens=60)
     finally:
         stop_proxy(proxy)
+
+
+def test_requests_without_an_output_limit_do_not_drain_the_bucket(
+        proxy: Proxy, key: ApiKey, db, upstream: FakeUpstream, test_id: str):
+    """A clamping plan gives a request without max_tokens a limit it may use (up to the
+    plan's TPM), but the bucket holds only what a request usually uses: back-to-back
+    requests of a Free user are served, not refused for a minute."""
+    set_plan(db, key.user_id, "free")
+    client = openai_client(proxy, key.token)
+    for i in range(3):
+        client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT,
+                                       extra_headers={"X-Test-Id": f"{test_id}-{i}"})
+        sent = json.loads(upstream.exchange(f"{test_id}-{i}").body)
+        assert 256 < sent["max_tokens"] < 1_000  # what fits in a minute of Free
+    assert len(wait_for_events(db, key.user_id, 3)) == 3

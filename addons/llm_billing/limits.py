@@ -89,6 +89,15 @@ class Limits:
         now_mono, now = time.monotonic(), datetime.now(UTC)
         bucket = self._bucket(rc.caller.user_id, plan, now_mono)
         output = need.output
+
+        def rate(output: int) -> int:
+            """What the bucket holds for the request: a request that set no output limit
+            holds what one usually uses (it may use more: the bucket then goes into debt),
+            so that a clamping plan's generous default does not drain it."""
+            if need.limited:
+                return need.prompt + output
+            return need.prompt + min(output, config.reserve_output_tokens)
+
         if bucket is not None:
             if need.minimum > bucket.capacity:
                 return self._never_fits(
@@ -99,19 +108,19 @@ class Limits:
                     "rate_limit_exceeded", 60)
             if plan.clamps:
                 output = min(output, bucket.capacity - need.prompt)
-            if (wait := bucket.wait_for(need.prompt + output, now_mono)) > 0:
+            if (wait := bucket.wait_for(rate(output), now_mono)) > 0:
                 message = (f"Rate limit reached on tokens per minute (TPM): limit "
-                           f"{plan.tokens_per_minute}, requested {need.prompt + output}. "
+                           f"{plan.tokens_per_minute}, requested {rate(output)}. "
                            f"Please try again in {openai_duration(wait)}.")
                 self._refuse(flow, rc, message, "rate_limit_exceeded", wait, bucket, now_mono)
                 return
-            bucket.take(need.prompt + output, now_mono)  # before any await: see module doc
+            bucket.take(rate(output), now_mono)  # before any await: see module doc
         account = self.ledger.account(rc.caller.user_id, month_of(now), plan)
         least = need.prompt_bound + min(output, need.least_output)
         try:
             held = await self.ledger.reserve(account, need.prompt_bound + output, least)
         except Exception as e:  # a blocking plan's quota can't be checked: fail closed
-            self._undo(account, bucket, need.prompt + output)
+            self._undo(account, bucket, rate(output))
             if isinstance(e, PyMongoError):
                 logger.warning(f"Quota check failed ({type(e).__name__}) for {account.key}")
             else:  # e.g. a usage document that is not ours to read: still fail closed
@@ -121,7 +130,7 @@ class Limits:
                                            "shortly.")
             return
         if not held:
-            self._undo(account, bucket, need.prompt + output)
+            self._undo(account, bucket, rate(output))
             if not self.ledger.exhausted(account, least):  # held by requests in flight
                 return self._refuse(
                     flow, rc, f"Your monthly quota on plan {plan.name} is held by requests "
@@ -132,12 +141,12 @@ class Limits:
                 f"You exceeded your monthly quota of {plan.monthly_tokens} tokens on plan "
                 f"{plan.name}. Upgrade your plan to continue.", "insufficient_quota",
                 seconds_to_next_month(now))
-        taken = need.prompt + output
+        taken = rate(output)
         if plan.blocks_at_quota:
             output = min(output, held - need.prompt_bound)
-        if bucket is not None and need.prompt + output < taken:  # clamped: give the rest back
-            bucket.adjust(need.prompt + output - taken, now_mono)
-        rc.hold = Hold(account, held, bucket, need.prompt + output)
+        if bucket is not None and rate(output) < taken:  # clamped: give the rest back
+            bucket.adjust(rate(output) - taken, now_mono)
+        rc.hold = Hold(account, held, bucket, rate(output))
         rc.ledger = {"usage": account.key, "instance": self.ledger.instance}
         self._apply_output_limit(flow, rc, body, need, plan, output)
 
