@@ -15,6 +15,7 @@ from llm_billing.meter import Meter
 from llm_billing.router import Router
 from llm_billing.settings import Settings
 from llm_billing.settle import Settle
+from llm_billing.slow_clients import SlowClients
 from llm_billing.storage.database import Database
 from llm_billing.stripe_reporter import StripeReporter
 from llm_billing.upstream_auth import CredentialRedactor
@@ -31,6 +32,7 @@ event_log = EventLog(database, settings, limits.ledger)  # journal ↔ usage wri
 
 addons = [
     ProxyDefaults(),
+    SlowClients(),  # every connection: closes the ones slow to send request headers
     settings,
     KeyAuth(database, settings),
     user_plans,
