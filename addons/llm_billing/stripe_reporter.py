@@ -9,6 +9,14 @@ In the background, never on the request path:
 2. Pending items are sent with ``billing.MeterEvent.create`` (``stripe_customer_id`` and
    ``value``); a failure is retried with backoff, and Stripe refuses a second event with
    the same identifier, so a retry can never count twice.
+
+Each item carries when its usage happened (``usage_at``): the usage document's
+``overage_at`` (the ledger's settle time of the newest request that added overage), never
+outside the document's month. That is the meter event's ``timestamp``, so usage of a
+month's last seconds is billed in that period however late it is sent. Right after each
+month ends (once the ledger's last writes of it landed) a round runs whatever the
+interval, so that month's last overage reaches Stripe before its invoice closes; and one
+more round runs at shutdown.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,7 +33,7 @@ from mitmproxy import ctx
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from .core.dates import aware
+from .core.dates import aware, next_month_start, within_month
 from .settings import Settings
 from .storage.database import Database
 from .stripe_billing import client_for
@@ -33,10 +42,36 @@ logger = logging.getLogger(__name__)
 
 SENDABLE = ("pending", "retry", "no_customer")
 CLAIM = timedelta(seconds=60)
+# Stripe takes a meter event's timestamp from the past 35 days up to 5 minutes ahead (by
+# its clock); an hour's margin keeps clock skew and a slow request clear of the edge.
+OLDEST_TIMESTAMP = timedelta(days=35) - timedelta(hours=1)
+# A month's last usage reaches billing.usage within usage_flush_interval_ms (0.5 s) of
+# settling: the period-end round waits this long after midnight for it.
+PERIOD_END_DELAY = timedelta(seconds=2)
+SHUTDOWN_REPORT_TIMEOUT = 5.0  # seconds for the last round at shutdown
 
 
 def backoff(attempts: int) -> timedelta:
     return timedelta(seconds=min(300, 2 ** min(attempts, 9)))
+
+
+def usage_time(doc: dict[str, Any], month: str, now: datetime) -> datetime:
+    """When the overage of a usage document happened: its ``overage_at`` (the newest),
+    else — usage written without one — ``now``; moved into the document's month."""
+    at = doc.get("overage_at")
+    moment = aware(at) if isinstance(at, datetime) else now
+    try:
+        return within_month(moment, month)
+    except ValueError:  # a malformed month: the time as it is
+        return moment
+
+
+def meter_timestamp(usage_at: datetime, now: datetime) -> int:
+    """A meter event's ``timestamp``: when the usage happened, clamped into what Stripe
+    accepts — not in the future (another instance's clock may run ahead) and not older
+    than 35 days less a margin (an item left unsent that long, e.g. for want of a
+    customer, is then billed in the current period rather than never)."""
+    return int(min(max(usage_at, now - OLDEST_TIMESTAMP), now).timestamp())
 
 
 def already_recorded(error: stripe.StripeError) -> bool:
@@ -50,6 +85,9 @@ class StripeReporter:
         self.database = database
         self.settings = settings
         self._task: asyncio.Task | None = None
+        # Time, as the reporter sees it; tests drive both.
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     def load(self, loader) -> None:
         loader.add_option("stripe_report_interval_ms", int, 10_000,
@@ -70,10 +108,23 @@ class StripeReporter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            # After Limits' last usage write (addon order); bounded: Stripe may be down.
+            try:
+                await asyncio.wait_for(self.report_once(), SHUTDOWN_REPORT_TIMEOUT)
+            except (PyMongoError, TimeoutError) as e:
+                logger.warning(f"Last overage round at shutdown unfinished "
+                               f"({type(e).__name__}): the outbox keeps the rest")
+
+    def seconds_to_next_round(self, now: datetime) -> float:
+        """The report interval, cut short to run a round right after a month ends (once
+        its last usage is written), however the interval straddles midnight."""
+        period_end = next_month_start(now - PERIOD_END_DELAY) + PERIOD_END_DELAY
+        interval = ctx.options.stripe_report_interval_ms / 1000
+        return max(0.0, min(interval, (period_end - now).total_seconds()))
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(ctx.options.stripe_report_interval_ms / 1000)
+            await self.sleep(self.seconds_to_next_round(self.clock()))
             try:
                 await self.report_once()
             except PyMongoError as e:
@@ -87,15 +138,16 @@ class StripeReporter:
 
     async def fill_outbox(self) -> None:
         db = (await self.database.client()).billing
+        now = self.clock()
         async for doc in db.usage.find({"overage_tokens": {"$gt": 0}}):
             base = doc.get("outboxed_tokens", 0)
             if doc["overage_tokens"] <= base:
                 continue
             identifier = f"overage:{doc['_id']}:{base}"
-            month = doc.get("month") or str(doc["_id"]).rpartition(":")[2]
+            month = str(doc.get("month") or str(doc["_id"]).rpartition(":")[2])
             item = {"_id": identifier, "user_id": doc["user_id"], "month": month,
                     "value": doc["overage_tokens"] - base, "status": "pending",
-                    "created": datetime.now(UTC), "attempts": 0}
+                    "usage_at": usage_time(doc, month, now), "created": now, "attempts": 0}
             try:
                 await db.stripe_outbox.insert_one(item)
             except DuplicateKeyError:  # written before a crash: keep its value
@@ -109,7 +161,7 @@ class StripeReporter:
         assert config is not None
         db = (await self.database.client()).billing
         client = client_for(config.stripe)
-        now = datetime.now(UTC)
+        now = self.clock()
         while True:
             item = await db.stripe_outbox.find_one_and_update(
                 {"$or": [{"status": {"$in": list(SENDABLE)}, "next_attempt": {"$lte": now}},
@@ -129,12 +181,12 @@ class StripeReporter:
         if not customer:
             await self._later(db, item, "no_customer", "the user has no Stripe customer")
             return True
-        created = item["created"]
-        created = aware(created)
+        # Items outboxed before usage_at existed: the time they were outboxed.
+        usage_at = aware(item.get("usage_at") or item["created"])
         try:
             await client.v1.billing.meter_events.create_async(params={
                 "event_name": event_name, "identifier": item["_id"],
-                "timestamp": int(created.timestamp()),
+                "timestamp": meter_timestamp(usage_at, self.clock()),
                 "payload": {"stripe_customer_id": customer, "value": str(item["value"])}})
         except stripe.InvalidRequestError as e:
             if not already_recorded(e):
@@ -146,12 +198,11 @@ class StripeReporter:
             await self._later(db, item, "retry", str(e))
             return False
         await db.stripe_outbox.update_one({"_id": item["_id"]}, {"$set": {
-            "status": "sent", "sent_at": datetime.now(UTC), "customer": customer}})
+            "status": "sent", "sent_at": self.clock(), "customer": customer}})
         return True
 
-    @staticmethod
-    async def _later(db, item: dict[str, Any], status: str, error: str) -> None:
+    async def _later(self, db, item: dict[str, Any], status: str, error: str) -> None:
         attempts = item.get("attempts", 0) + 1
         await db.stripe_outbox.update_one({"_id": item["_id"]}, {"$set": {
             "status": status, "error": error, "attempts": attempts,
-            "next_attempt": datetime.now(UTC) + backoff(attempts)}})
+            "next_attempt": self.clock() + backoff(attempts)}})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 
@@ -17,6 +17,21 @@ def aware(moment: Any) -> datetime:
 def month_of(moment: datetime) -> str:
     """The calendar month (UTC) a request is counted in: ``YYYY-MM``."""
     return f"{moment.year:04d}-{moment.month:02d}"
+
+
+def next_month_start(moment: datetime) -> datetime:
+    """Midnight UTC on the first day of the month after ``moment``'s."""
+    return datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+
+
+def within_month(moment: datetime, month: str) -> datetime:
+    """``moment`` moved into the ``YYYY-MM`` month (UTC) if outside it: to the month's
+    first or last millisecond (the database keeps milliseconds). ValueError for a
+    malformed month."""
+    year, _, number = month.partition("-")
+    first = datetime(int(year), int(number), 1, tzinfo=UTC)
+    last = next_month_start(first) - timedelta(milliseconds=1)
+    return min(max(moment, first), last)
 
 
 def seconds_to_next_month(now: datetime) -> int:

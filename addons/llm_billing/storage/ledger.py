@@ -37,7 +37,7 @@ from typing import Any
 from bson import Decimal128
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from ..core.dates import aware
+from ..core.dates import aware, within_month
 from ..core.plans import Plan, overage_split
 from ..core.usage import Usage
 from .database import Database
@@ -61,6 +61,7 @@ class UsageWrite:
     tokens: int
     requests: int
     classes: dict[str, int]
+    settled_at: datetime | None = None  # when its newest request settled
 
 
 @dataclass(slots=True)
@@ -79,6 +80,7 @@ class Account:
     unflushed_requests: int = 0
     pending: UsageWrite | None = None  # taken from unflushed, not yet known applied
     open_sequence: int | None = None  # the write that will carry what settles now
+    settled_at: datetime | None = None  # when the newest request settled (wall clock)
     releasing: tuple[int, int] | None = None  # (number, amount) of a lease hand-back in flight
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -150,6 +152,7 @@ class QuotaLedger:
         account.holds -= 1
         account.unflushed += used
         account.unflushed_requests += 1
+        account.settled_at = datetime.now(UTC)
         if usage is not None:
             for name, value in usage.as_document().items():
                 account.unflushed_usage[name] = account.unflushed_usage.get(name, 0) + value
@@ -223,7 +226,7 @@ class QuotaLedger:
         if account.pending is None and account.open_sequence is not None:
             account.pending = UsageWrite(
                 account.open_sequence, account.unflushed, account.unflushed_requests,
-                {k: v for k, v in account.unflushed_usage.items() if v})
+                {k: v for k, v in account.unflushed_usage.items() if v}, account.settled_at)
             account.open_sequence = None
         if account.pending is not None:
             await self._write(usage, account, account.pending)
@@ -282,9 +285,13 @@ class QuotaLedger:
         if plan.blocks_at_quota:  # the used tokens leave this instance's lease
             inc[f"leases.{self.instance}.amount"] = -write.tokens
             fields[f"leases.{self.instance}.expires"] = now + LEASE_TTL
-        inc |= _overage(plan, before, write.tokens)
-        return {"$inc": inc, "$set": fields,
-                "$setOnInsert": {"user_id": account.user_id, "month": account.month}}
+        inc |= (over := _overage(plan, before, write.tokens))
+        update = {"$inc": inc, "$set": fields,
+                  "$setOnInsert": {"user_id": account.user_id, "month": account.month}}
+        if over:  # when it happened: the time of its Stripe meter event (stripe_reporter)
+            update["$max"] = {"overage_at": within_month(write.settled_at or now,
+                                                         account.month)}
+        return update
 
     async def recover(self, instance: str, events: list[dict[str, Any]],
                       plans: Mapping[str, Plan]) -> None:
@@ -314,15 +321,18 @@ class QuotaLedger:
             for event in unwritten:
                 for name, value in (event.get("usage") or {}).items():
                     inc[f"usage.{name}"] = inc.get(f"usage.{name}", 0) + value
+            when: dict[str, Any] = {}  # when the overage happened: its newest request
             if (plan := plans.get(events[-1].get("plan_id", ""))) is not None:
-                inc |= _overage(plan, doc.get("tokens", 0), tokens)
+                inc |= (over := _overage(plan, doc.get("tokens", 0), tokens))
+                if over and (at := _newest(unwritten, month)) is not None:
+                    when = {"$max": {"overage_at": at}}
             version = doc.get("version", {"$exists": False})
             try:
                 result = await usage.update_one({"_id": key, "version": version}, {
                     "$inc": inc, "$set": {f"recovered.{instance}": datetime.now(UTC)},
                     "$unset": {f"leases.{instance}": ""},
                     "$setOnInsert": {"user_id": events[-1].get("user_id", user_id),
-                                     "month": month}}, upsert=not doc)
+                                     "month": month}, **when}, upsert=not doc)
             except DuplicateKeyError:
                 continue
             if result.matched_count or result.upserted_id is not None:
@@ -369,6 +379,17 @@ def _overage(plan: Plan, before: int, tokens: int) -> dict[str, Any]:
     cost = Decimal128(Decimal(over) * plan.overage_price)
     return {"overage_tokens": over, "overage_cost": cost,
             f"overage_by_plan.{plan.id}.tokens": over, f"overage_by_plan.{plan.id}.cost": cost}
+
+
+def _newest(events: list[dict[str, Any]], month: str) -> datetime | None:
+    """When the newest of ``events`` finished (now, if none says), moved into ``month``;
+    None for a malformed month."""
+    finished = [aware(e["date_created"]) for e in events
+                if isinstance(e.get("date_created"), datetime)]
+    try:
+        return within_month(max(finished, default=datetime.now(UTC)), month)
+    except ValueError:
+        return None
 
 
 class UsageContention(PyMongoError):
