@@ -13,12 +13,15 @@ Scenarios, chosen by the ``X-Fake-Scenario`` request header:
 - ``content-length``: frame the stream with ``Content-Length`` instead of chunked.
 - ``usage-huge``: chat completions report ``completion_tokens`` 10**30 (a broken upstream).
 - ``held``: wait for ``release(test_id)`` before answering at all (not even headers).
+- ``echo-key``: 401 quoting the credential it got, whole and masked (as many servers do);
+  ``echo-key-chunked`` sends it in 5-byte chunks, ``echo-key-gzip`` gzipped, in pieces.
 
 With an ``X-Replay: <case>`` header it sends a recorded response from ``tests/corpus``.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import threading
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 CREATED = 1_700_000_000
 GREEDY = "_fake_greedy"  # set on a request's body by the "greedy" scenario
@@ -432,6 +436,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         if replay := self.headers.get("x-replay"):
             return self._replay(ex, load_case(replay))
+        if scenario.startswith("echo-key"):
+            return self._echo_key(ex, path, scenario)
         if scenario.startswith("status-"):
             status = int(scenario.removeprefix("status-"))
             return self._json(ex, status, error_json(path, status))
@@ -490,6 +496,33 @@ class _Handler(BaseHTTPRequestHandler):
             return self._sse(ex, [array[i:i + 200] for i in range(0, len(array), 200)],
                              test_id, scenario, content_type="application/json")
         return self._json(ex, 404, {"error": {"message": "no such path"}})
+
+    def _echo_key(self, ex: Exchange, path: str, scenario: str) -> None:
+        key = (self.headers.get("authorization", "").removeprefix("Bearer ")
+               or self.headers.get("x-api-key") or self.headers.get("x-goog-api-key")
+               or parse_qs(urlsplit(self.path).query).get("key", [""])[0])
+        masked = f"{key[:8]}{'*' * max(3, len(key) - 12)}{key[-4:]}"
+        message = f"Incorrect API key provided: {key} ({masked})."
+        doc = ({"type": "error", "error": {"type": "authentication_error", "message": message}}
+               if path.endswith("/messages") else
+               {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                          "code": "invalid_api_key", "key": key}})
+        data = _dumps(doc).encode()
+        if scenario == "echo-key":
+            return self._json(ex, 401, doc)
+        self.send_response(401)
+        self.send_header("content-type", "application/json")
+        self.send_header("transfer-encoding", "chunked")
+        if scenario == "echo-key-gzip":
+            self.send_header("content-encoding", "gzip")
+            data = gzip.compress(data)
+        self.end_headers()
+        for i in range(0, len(data), 5):
+            self._chunk(ex, data[i:i + 5])
+            time.sleep(0.001)  # separate reads, so the key spans chunks
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+        ex.finished = True
 
     def _replay(self, ex: Exchange, case: dict[str, Any]) -> None:
         """Send a recorded response: its status, headers and chunks as separate writes."""

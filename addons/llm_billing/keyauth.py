@@ -8,6 +8,12 @@ a key the hot path never waits on the database. Unknown keys are cached apart fr
 ones, so a spray of them never evicts a valid key; and a client address may only make
 ``unknown_key_lookups_per_minute`` database lookups of keys that turn out unknown — past
 that, a lookup the cache cannot answer gets 429 with ``Retry-After``, without a query.
+
+Client credentials, in every accepted form, are removed from every live request in its
+first hook, routed or not, so no later hook, log line or saved flow holds them. A cached
+key is used at most ``key_cache_max_stale`` seconds after the database last confirmed it:
+past that it waits for a new lookup, and gets 503 while the database cannot answer (a
+revoked key must not keep working through an outage).
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 from pymongo.errors import PyMongoError
 
 from . import context
 from .context import Caller
 from .core.client_limit import ClientRate, client_network
 from .core.config import Config
+from .core.redact import configured_secrets
 from .core.usage import Protocol
 from .errors import error_response
 from .settings import Settings
@@ -39,6 +46,7 @@ logger = logging.getLogger(__name__)
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 CLIENT_KEY_QUERY = "key"  # Gemini clients may send ?key=
 UNKNOWN_KEY_LOOKUPS_PER_MINUTE = 60  # per client address; cached unknown keys are free
+KEY_CACHE_MAX_STALE = 300  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +97,7 @@ class KeyAuth:
         self.settings = settings
         self._cache: RefreshingCache[str, _KeyRecord] = RefreshingCache(
             self._fetch, max_keys, is_miss=lambda record: record.caller is None,
-            max_misses=max_unknown_keys)
+            max_misses=max_unknown_keys, max_age=KEY_CACHE_MAX_STALE)
         self._unknown_lookups = ClientRate(UNKNOWN_KEY_LOOKUPS_PER_MINUTE)
 
     def load(self, loader) -> None:
@@ -102,27 +110,36 @@ class KeyAuth:
             "Database lookups of unknown keys a client address (IPv6: /64) may make per "
             "minute, in bursts of as many; past that, uncached keys get 429. 0: no limit. "
             "Behind a load balancer every client shares its address.")
+        loader.add_option(
+            "key_cache_max_stale", int, KEY_CACHE_MAX_STALE,
+            "Seconds a cached key may be used since the database last confirmed it; an older "
+            "one is looked up again first, and refused (503) while the database cannot answer.")
 
     def configure(self, updated: set[str]) -> None:
+        if "key_cache_max_stale" in updated:
+            if ctx.options.key_cache_max_stale < 0:
+                raise exceptions.OptionsError("key_cache_max_stale must be at least 0")
+            self._cache.max_age = ctx.options.key_cache_max_stale
         if "unknown_key_lookups_per_minute" in updated:
             self._unknown_lookups.per_minute = ctx.options.unknown_key_lookups_per_minute
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if context.of(flow):
-            return
         config = self.settings.config
         assert config is not None
+        path = flow.request.path.partition("?")[0]
+        route = config.route_for(path)
+        token = None
+        if flow.live:  # the first hook of every request, routed or not: nothing later sees it
+            token = extract_token(flow.request, query_key=route is not None
+                                  and route.protocol is Protocol.GEMINI)
+            strip_client_key(flow.request)
+        if context.of(flow):
+            return
         if not flow.live and context.METADATA_KEY in flow.metadata:
             self._restore(flow, config)  # a saved flow, replayed offline
             return
-        if flow.response:
-            return
-        path = flow.request.path.partition("?")[0]
-        route = config.route_for(path)
-        if route is None:
+        if flow.response or route is None:
             return  # the router answers unknown paths
-        token = extract_token(flow.request, query_key=route.protocol is Protocol.GEMINI)
-        strip_client_key(flow.request)
         fmt = route.protocol.error_format
         if token is None:
             flow.response = error_response(
@@ -154,7 +171,8 @@ class KeyAuth:
             flow.response = error_response(
                 fmt, 401, "Invalid or expired API key.", "invalid_api_key")
             return
-        context.attach(flow, context.RequestContext(caller=caller, route=route, path=path))
+        context.attach(flow, context.RequestContext(
+            caller=caller, route=route, path=path, secrets=(token, *configured_secrets(config))))
 
     @staticmethod
     def _restore(flow: http.HTTPFlow, config: Config) -> None:

@@ -18,6 +18,7 @@ from mitmproxy import http
 from . import context
 from .core.expression import EvaluationError, billable
 from .core.outcome import Outcome, settle_usage
+from .core.redact import redact_outcome
 from .core.request import RequestContext
 from .core.stream_meter import StreamMeter
 from .core.usage import parse_json
@@ -52,7 +53,7 @@ class Settle:
             rc.meter(flow.response.raw_content or b"")
             rc.meter(hidden.encode())
             rc.meter(b"")
-        rc.outcome = outcome(flow, rc)
+        rc.outcome = redact_outcome(outcome(flow, rc), rc.secrets)  # errors may quote a key
         context.summarize(flow, **_summary(rc))
         for consumer in self.consumers:
             try:

@@ -11,6 +11,13 @@ and again in the ``update`` hook it fires after every flow hook. So:
 
 So no pushed update, log line or saved flow ever holds the key. Upstream keys come from
 the environment only (see ``config.UpstreamAuth``).
+
+An upstream may quote a key back (``Incorrect API key provided: sk-…``). So an error
+response (status >= 400) is not streamed: ``UpstreamCredentials.responseheaders`` — after
+the meter set its stream — holds its body until complete and passes it on decoded, with
+every configured secret and the client's token redacted (core/redact.py); its headers and
+reason are redacted at once. The redactor's ``error`` redacts the flow's error message;
+Settle redacts the error text it records (events, journal, log).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from mitmproxy import http
 
 from . import context
 from .core.config import UpstreamAuth
+from .core.decoding import decoder_for
+from .core.redact import HeldErrorBody, Redactor
 
 REDACTED = "<redacted>"
 
@@ -60,6 +69,12 @@ class UpstreamCredentials:
             if ctx is not None and ctx.sending:
                 self._attach(flow)
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ctx = context.of(flow)
+        if ctx is not None and ctx.meter is not None and flow.response is not None \
+                and flow.response.status_code >= 400 and flow.response.stream is ctx.meter:
+            hold_error_body(flow, ctx)
+
     @staticmethod
     def _attach(flow: http.HTTPFlow) -> None:
         if found := _credentialed(flow):
@@ -78,6 +93,8 @@ class CredentialRedactor:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._sent(flow)
+        if flow.error is not None and (ctx := context.of(flow)) is not None:
+            flow.error.msg = Redactor(ctx.secrets).text(flow.error.msg)
 
     def _sent(self, flow: http.HTTPFlow) -> None:
         if (ctx := context.of(flow)) is not None:
@@ -95,3 +112,24 @@ class CredentialRedactor:
         )
         if present is not None:
             apply_credential(request, auth, REDACTED)
+
+
+def hold_error_body(flow: http.HTTPFlow, ctx: context.RequestContext) -> None:
+    """An upstream's error goes on whole once complete, decoded and redacted."""
+    response = flow.response
+    assert response is not None and ctx.meter is not None
+    redactor = Redactor(ctx.secrets)
+    response.reason = redactor.text(response.reason)
+    response.headers.fields = tuple((name, redactor(value))
+                                    for name, value in response.headers.fields)
+    headers = response.headers
+    try:
+        decode = decoder_for(headers.get("content-encoding", ""))
+    except KeyError:  # an encoding we cannot read: redacted as it is
+        decode = None
+    else:
+        headers.pop("content-encoding", None)  # passed on decoded
+    headers.pop("content-length", None)  # redaction may change the length
+    if flow.request.http_version == "HTTP/1.1" and "transfer-encoding" not in headers:
+        headers["transfer-encoding"] = "chunked"
+    response.stream = HeldErrorBody(ctx.meter, redactor, decode)

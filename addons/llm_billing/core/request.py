@@ -56,6 +56,9 @@ class RequestContext:
     # read and billed (finish_upstream.py); no ``error`` fires for the client's leaving.
     finish_upstream: bool = False
     intent: Any = None  # the journal segment holding its provisional event
+    # The client's token and every configured upstream secret: redacted from what the
+    # upstream answers (core/redact.py). Never shown: not in repr, nor in the flow's summary.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def protocol(self) -> Protocol:

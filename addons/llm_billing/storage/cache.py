@@ -3,9 +3,12 @@
 Each key is fetched once (concurrent callers share the query), kept for a TTL, and once
 stale it is still served while a single background refresh runs — so after the first
 request for a key, callers never wait on the database. A failed refresh keeps serving the
-stale value. Size is bounded: the least recently used entry goes (O(1)). Values that
-``is_miss`` (e.g. "no such key") live in their own smaller LRU, so a spray of unknown keys
-only ever evicts other misses, never a valid key.
+stale value, but only up to ``max_age`` seconds after its last successful load: an older
+entry (a key unused that long, or the database down that long) is served only once
+reloaded, and a failed reload raises — a revoked key must not keep working for as long as
+the database is down. Size is bounded: the least recently used entry goes (O(1)). Values
+that ``is_miss`` (e.g. "no such key") live in their own smaller LRU, so a spray of unknown
+keys only ever evicts other misses, never a valid key.
 """
 
 from __future__ import annotations
@@ -26,16 +29,19 @@ logger = logging.getLogger(__name__)
 class _Entry[V]:
     value: V
     fresh_until: float
+    loaded: float  # when the value was loaded
     refreshing: bool = False
 
 
 class RefreshingCache[K, V]:
     def __init__(self, load: Callable[[K], Awaitable[tuple[V, float]]],
                  max_entries: int = 100_000, *, is_miss: Callable[[V], bool] | None = None,
-                 max_misses: int = 10_000) -> None:
+                 max_misses: int = 10_000, max_age: float | None = None) -> None:
         """``load(key)`` returns the value and how many seconds it stays fresh; values that
-        ``is_miss`` count against ``max_misses`` instead of ``max_entries``."""
+        ``is_miss`` count against ``max_misses`` instead of ``max_entries``; a value older
+        than ``max_age`` seconds (None: no bound) is never served before it is reloaded."""
         self._load = load
+        self.max_age = max_age
         self._is_miss = is_miss
         self._hits: OrderedDict[K, _Entry[V]] = OrderedDict()  # least recently used first
         self._misses: OrderedDict[K, _Entry[V]] = OrderedDict()
@@ -45,7 +51,7 @@ class RefreshingCache[K, V]:
 
     async def get(self, key: K) -> V:
         entry = self._touch(key)
-        if entry is None:
+        if entry is None or self._too_old(entry):
             entry = await self._fetch_once(key)
         elif entry.fresh_until < time.monotonic() and not entry.refreshing:
             entry.refreshing = True
@@ -55,8 +61,15 @@ class RefreshingCache[K, V]:
         return entry.value
 
     def needs_load(self, key: K) -> bool:
-        """Whether ``get(key)`` would wait for a new query: no entry, none in flight."""
-        return key not in self._hits and key not in self._misses and key not in self._inflight
+        """Whether ``get(key)`` would wait for a new query: no entry young enough to serve,
+        none in flight."""
+        if key in self._inflight:
+            return False
+        entry = self._hits.get(key) or self._misses.get(key)
+        return entry is None or self._too_old(entry)
+
+    def _too_old(self, entry: _Entry[V]) -> bool:
+        return self.max_age is not None and time.monotonic() - entry.loaded > self.max_age
 
     def invalidate(self, key: K) -> None:
         self._hits.pop(key, None)
@@ -93,7 +106,8 @@ class RefreshingCache[K, V]:
         self._inflight[key] = future
         try:
             value, ttl = await self._load(key)
-            entry = _Entry(value, time.monotonic() + ttl)
+            now = time.monotonic()
+            entry = _Entry(value, now + ttl, now)
             self._store(key, entry)
             future.set_result(entry)
             return entry
