@@ -1,9 +1,12 @@
 """A local stand-in for Stripe's API, for the real stripe library to talk to.
 
 It answers the endpoints the proxy uses in Stripe's JSON shapes, records every request
-(form-decoded), refuses a second meter event with the same identifier as Stripe does, and
-can be switched "down" (HTTP 500) to test retries. Also signs webhook payloads the way
-Stripe does: ``Stripe-Signature: t=<ts>,v1=HMAC-SHA256(secret, "<ts>.<payload>")``.
+(form-decoded), refuses a second meter event with the same identifier as Stripe does,
+serves the subscriptions a test puts in ``subscriptions`` (``GET /v1/subscriptions/{id}``:
+Stripe's current state, which webhook events only point at; 404 ``resource_missing`` for
+others), and can be switched "down" (HTTP 500 on every endpoint) to test retries. Also
+signs webhook payloads the way Stripe does:
+``Stripe-Signature: t=<ts>,v1=HMAC-SHA256(secret, "<ts>.<payload>")``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 
 def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:
@@ -35,6 +38,18 @@ def event(kind: str, obj: dict[str, Any], event_id: str | None = None) -> bytes:
         "data": {"object": obj}, "livemode": False, "pending_webhooks": 1,
         "request": {"id": None, "idempotency_key": None}, "type": kind,
     }).encode()
+
+
+def subscription(subscription_id: str, customer: str | None, price: str,
+                 status: str = "active", user_id: str | None = None) -> dict[str, Any]:
+    """A subscription in Stripe's shape (API 2025-09-30), with one item of ``price``."""
+    return {
+        "id": subscription_id, "object": "subscription", "customer": customer,
+        "status": status, "metadata": {"user_id": user_id} if user_id else {},
+        "cancel_at_period_end": False, "created": int(time.time()), "livemode": False,
+        "items": {"object": "list", "has_more": False, "data": [{
+            "id": f"si_{subscription_id}", "object": "subscription_item", "quantity": 1,
+            "price": {"id": price, "object": "price"}}]}}
 
 
 def unflatten(pairs: list[tuple[str, str]]) -> dict[str, Any]:
@@ -61,6 +76,7 @@ class Received:
 class StripeDouble:
     requests: list[Received] = field(default_factory=list)
     meter_events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    subscriptions: dict[str, dict[str, Any]] = field(default_factory=dict)
     down: bool = False
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -86,6 +102,16 @@ class StripeDouble:
     def respond(self, method: str, path: str, params: dict[str, Any]) -> tuple[int, dict]:
         n = next(self._ids)
         now = int(time.time())
+        if self.down:
+            return 500, {"error": {"type": "api_error",
+                                   "message": "An unknown error occurred"}}
+        if path.startswith("/v1/subscriptions/") and method == "GET":
+            subscription_id = path.removeprefix("/v1/subscriptions/")
+            if doc := self.subscriptions.get(subscription_id):
+                return 200, doc
+            return 404, {"error": {
+                "type": "invalid_request_error", "code": "resource_missing", "param": "id",
+                "message": f"No such subscription: '{subscription_id}'"}}
         if path == "/v1/checkout/sessions" and method == "POST":
             session_id = f"cs_test_{n:06d}"
             return 200, {
@@ -103,9 +129,6 @@ class StripeDouble:
                          "return_url": params.get("return_url"), "created": now,
                          "livemode": False}
         if path == "/v1/billing/meter_events" and method == "POST":
-            if self.down:
-                return 500, {"error": {"type": "api_error",
-                                       "message": "An unknown error occurred"}}
             identifier = params.get("identifier") or uuid.uuid4().hex
             if identifier in self.meter_events:
                 return 400, {"error": {
@@ -123,17 +146,24 @@ class StripeDouble:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out at once, no 40 ms ACK wait
     stripe: StripeDouble
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        self._answer("GET", unquote(path), unflatten(parse_qsl(query)))
+
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length") or 0)).decode()
-        params = unflatten(parse_qsl(body, keep_blank_values=True))
-        path = self.path.partition("?")[0]
-        self.stripe.requests.append(Received("POST", path, params, dict(self.headers)))
-        status, doc = self.stripe.respond("POST", path, params)
+        self._answer("POST", self.path.partition("?")[0],
+                     unflatten(parse_qsl(body, keep_blank_values=True)))
+
+    def _answer(self, method: str, path: str, params: dict[str, Any]) -> None:
+        self.stripe.requests.append(Received(method, path, params, dict(self.headers)))
+        status, doc = self.stripe.respond(method, path, params)
         data = json.dumps(doc).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")

@@ -1,8 +1,10 @@
-"""Stripe through the real stripe library and a running proxy: signed webhooks, plan
-changes on the next request, metered overage from the outbox exactly once."""
+"""Stripe through the real stripe library and a running proxy: signed webhooks applied as
+Stripe's current state in any delivery order, plan changes on the next request, metered
+overage from the outbox exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,6 +17,7 @@ import httpx
 import openai
 import pytest
 from stripe_double import StripeDouble, event, sign
+from stripe_sequences import EXPECTED, SEQUENCES, event_object, state
 
 from conftest import (
     ROOT,
@@ -75,12 +78,17 @@ def cli(mongo_uri: str, config: str, *args: str) -> str:
     return result.stdout
 
 
-def subscription(user: str, customer: str, price: str, status: str = "active") -> dict:
-    return {"id": f"sub_{user}", "object": "subscription", "customer": customer,
-            "status": status, "metadata": {"user_id": user},
-            "items": {"object": "list", "data": [{"id": "si_1", "object": "subscription_item",
-                                                  "price": {"id": price,
-                                                            "object": "price"}}]}}
+def subscription(user: str, customer: str, price: str, status: str = "active",
+                 double: StripeDouble | None = None) -> dict:
+    """A subscription as an event carries it; with ``double``, also Stripe's current state
+    (what the webhook fetches: events are only a signal)."""
+    doc = {"id": f"sub_{user.replace('-', '_')}", "object": "subscription",
+           "customer": customer, "status": status, "metadata": {"user_id": user},
+           "items": {"object": "list", "data": [{"id": "si_1", "object": "subscription_item",
+                                                 "price": {"id": price, "object": "price"}}]}}
+    if double is not None:
+        double.subscriptions[doc["id"]] = doc
+    return doc
 
 
 def test_forged_and_stale_signatures_change_nothing(billing: Proxy, key: ApiKey, db):
@@ -99,10 +107,12 @@ def test_forged_and_stale_signatures_change_nothing(billing: Proxy, key: ApiKey,
     assert chat(billing, key).headers["x-ratelimit-limit-tokens"] == "1000"
 
 
-def test_replayed_event_is_a_no_op(billing: Proxy, key: ApiKey, db):
+def test_replayed_event_is_a_no_op(billing: Proxy, stripe_double: StripeDouble, key: ApiKey,
+                                   db):
     set_plan(db, key.user_id, "free")
     payload = event("customer.subscription.updated",
-                    subscription(key.user_id, "cus_r", "price_pro_llmgateway"))
+                    subscription(key.user_id, "cus_r", "price_pro_llmgateway",
+                                 double=stripe_double))
     assert post(billing, payload).json() == {"received": True}
     assert db.billing.users.find_one({"_id": key.user_id})["plan"] == "pro"
     set_plan(db, key.user_id, "starter")  # changed since, by someone else
@@ -111,33 +121,95 @@ def test_replayed_event_is_a_no_op(billing: Proxy, key: ApiKey, db):
     assert db.billing.users.find_one({"_id": key.user_id})["plan"] == "starter"
 
 
-def test_upgrade_downgrade_and_cancel_apply_on_the_next_request(billing: Proxy, key: ApiKey,
-                                                                db):
+def test_upgrade_downgrade_and_cancel_apply_on_the_next_request(
+        billing: Proxy, stripe_double: StripeDouble, key: ApiKey, db):
     set_plan(db, key.user_id, "free")
     assert chat(billing, key).headers["x-ratelimit-limit-tokens"] == "1000"
     customer = f"cus_{uuid.uuid4().hex[:10]}"
-    steps = [("customer.subscription.created", "price_pro_llmgateway", "100000"),
-             ("customer.subscription.updated", "price_starter_llmgateway", "10000"),
-             ("customer.subscription.deleted", "price_starter_llmgateway", "1000")]
-    for kind, price, limit in steps:
-        assert post(billing, event(kind, subscription(key.user_id, customer,
-                                                      price))).status_code == 200
+    steps = [("customer.subscription.created", "price_pro_llmgateway", "active", "100000"),
+             ("customer.subscription.updated", "price_starter_llmgateway", "active", "10000"),
+             ("customer.subscription.deleted", "price_starter_llmgateway", "canceled",
+              "1000")]
+    for kind, price, status, limit in steps:
+        obj = subscription(key.user_id, customer, price, status, stripe_double)
+        assert post(billing, event(kind, obj)).status_code == 200
         assert chat(billing, key).headers["x-ratelimit-limit-tokens"] == limit, kind
     assert db.billing.users.find_one({"_id": key.user_id})["plan"] == "free"
 
 
-def test_payment_failed_blocks_and_paid_unblocks(billing: Proxy, key: ApiKey, db):
+def test_payment_failed_blocks_and_paid_unblocks(billing: Proxy, stripe_double: StripeDouble,
+                                                 key: ApiKey, db):
     customer = f"cus_{uuid.uuid4().hex[:10]}"
     db.billing.users.update_one({"_id": key.user_id}, {"$set": {
         "plan": "starter", "stripe_customer_id": customer}}, upsert=True)
-    invoice = {"id": "in_1", "object": "invoice", "customer": customer, "status": "open"}
+    sub = subscription(key.user_id, customer, "price_starter_llmgateway", "past_due",
+                       stripe_double)
+    invoice = {"id": "in_1", "object": "invoice", "customer": customer, "status": "open",
+               "parent": {"type": "subscription_details",
+                          "subscription_details": {"subscription": sub["id"]}}}
     assert post(billing, event("invoice.payment_failed", invoice)).status_code == 200
     with pytest.raises(openai.RateLimitError) as err:  # grace_days = 0 in this config
         chat(billing, key)
     assert err.value.code == "insufficient_quota" and "payment failed" in err.value.message
+    subscription(key.user_id, customer, "price_starter_llmgateway", "active", stripe_double)
     paid = dict(invoice, status="paid")
     assert post(billing, event("invoice.paid", paid)).status_code == 200
     assert chat(billing, key).status_code == 200
+
+
+def test_late_created_and_retried_updated_end_in_stripes_current_state(
+        billing: Proxy, stripe_double: StripeDouble, make_key, db):
+    """Issue 10.1 and 10.2 through the proxy: a late ``created`` (incomplete, t=1001)
+    after ``updated`` (active, t=1002) leaves Starter; a retried ``updated`` (active,
+    t=1002) after ``deleted`` (t=1003) does not give Pro back."""
+    starter, cancelled = make_key(), make_key()
+    customer = f"cus_{uuid.uuid4().hex[:10]}"
+    created = subscription(starter.user_id, customer, "price_starter_llmgateway", "incomplete")
+    updated = subscription(starter.user_id, customer, "price_starter_llmgateway", "active",
+                           stripe_double)
+    for kind, obj, at in [("customer.subscription.updated", updated, 1002),
+                          ("customer.subscription.created", created, 1001)]:
+        assert post(billing, stamped(kind, obj, at)).status_code == 200
+    assert chat(billing, starter).headers["x-ratelimit-limit-tokens"] == "10000"
+
+    customer = f"cus_{uuid.uuid4().hex[:10]}"
+    pro = subscription(cancelled.user_id, customer, "price_pro_llmgateway", "active")
+    retried = stamped("customer.subscription.updated", pro, 1002)
+    assert post(billing, retried).status_code == 200
+    deleted = subscription(cancelled.user_id, customer, "price_pro_llmgateway", "canceled",
+                           stripe_double)
+    assert post(billing, stamped("customer.subscription.deleted", deleted, 1003)) \
+        .status_code == 200
+    assert post(billing, retried).status_code == 200  # Stripe's retry, delivered late
+    assert chat(billing, cancelled).headers["x-ratelimit-limit-tokens"] == "1000"
+    assert db.billing.users.find_one({"_id": cancelled.user_id})["plan"] == "free"
+
+
+def stamped(kind: str, obj: dict, created: int) -> bytes:
+    """An event created at ``created`` (Stripe's own clock, seconds)."""
+    payload = json.loads(event(kind, obj))
+    return json.dumps({**payload, "created": created}).encode()
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3, 4, 5), (5, 4, 3, 2, 1, 0),
+                                   (3, 5, 0, 4, 1, 2), (1, 3, 2, 5, 4, 0)])
+def test_delivery_orders_through_the_proxy(billing: Proxy, stripe_double: StripeDouble,
+                                           make_key, db, order: tuple[int, ...]):
+    """A checkout, an upgrade, a failed payment and a cancellation, delivered in a few
+    orders while Stripe's state moves on: the user ends on Free (the newest state)."""
+    name = "subscribe-upgrade-fail-cancel"
+    key = make_key()
+    steps = SEQUENCES[name]
+    tag = uuid.uuid4().hex[:10]
+    sub, customer = f"sub_{tag}", f"cus_{tag}"
+    for k, n in enumerate(order):
+        stripe_double.subscriptions[sub] = state(steps[max(order[:k + 1])], sub, customer,
+                                                 key.user_id)
+        obj = event_object(steps[n], sub, customer, key.user_id, n)
+        assert post(billing, stamped(steps[n].kind, obj, 1000 + n)).status_code == 200
+    doc = db.billing.users.find_one({"_id": key.user_id})
+    assert (doc["plan"], doc["subscription_status"], doc["status"]) == EXPECTED[name]
+    assert chat(billing, key).headers["x-ratelimit-limit-tokens"] == "1000"
 
 
 def test_unknown_events_are_acknowledged(billing: Proxy, db):
@@ -203,10 +275,12 @@ def test_free_user_subscribes_and_overage_reaches_stripe_once(
     assert session["metadata"] == {"user_id": key.user_id, "plan": "starter"}
 
     customer = f"cus_{uuid.uuid4().hex[:10]}"
+    paid = subscription(key.user_id, customer, "price_starter_llmgateway", "active",
+                        stripe_double)  # what Checkout created
     completed = {"id": "cs_test_done", "object": "checkout.session", "mode": "subscription",
                  "client_reference_id": key.user_id, "customer": customer,
-                 "subscription": "sub_new", "metadata": {"user_id": key.user_id,
-                                                         "plan": "starter"},
+                 "subscription": paid["id"], "metadata": {"user_id": key.user_id,
+                                                          "plan": "starter"},
                  "payment_status": "paid", "status": "complete"}
     assert post(billing, event("checkout.session.completed", completed)).status_code == 200
     assert chat(billing, key).headers["x-ratelimit-limit-tokens"] == "10000"
