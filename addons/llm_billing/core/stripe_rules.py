@@ -1,5 +1,6 @@
-"""Stripe, the pure part: ``[stripe]`` settings and what webhook events mean for a user
-(seed 000's Stripe integration: plans map to prices, Free has no payment). Sans-I/O."""
+"""Stripe, the pure part: ``[stripe]`` settings, the shape of a webhook event and what it
+points at, and what a subscription's current state means for its user (seed 000's Stripe
+integration: plans map to prices, Free has no payment). Sans-I/O."""
 
 from __future__ import annotations
 
