@@ -98,6 +98,14 @@ def upstream() -> Iterator[FakeUpstream]:
     fake.stop()
 
 
+ONE_BACKEND = """
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9"
+models = ["m"]
+auth = { type = "none" }
+"""  # the least config: unit tests of addons that need a route and a backend
+
 PRICES = """
 [prices]
 version = "test-2026-11"

@@ -9,6 +9,7 @@ import uuid
 from mitmproxy.test import taddons, tflow
 from pymongo import AsyncMongoClient
 
+from conftest import ONE_BACKEND
 from llm_billing import context
 from llm_billing.core.admission import least_output, need_of, output_limit, set_output_limit
 from llm_billing.core.config import parse_config
@@ -17,13 +18,7 @@ from llm_billing.core.usage import Protocol
 from llm_billing.limits import Limits
 from llm_billing.settings import Settings
 
-CONFIG = """
-[[backends]]
-name = "b"
-url = "http://127.0.0.1:9"
-models = ["m"]
-auth = { type = "none" }
-"""
+CONFIG = ONE_BACKEND
 
 
 class HeldDatabase:

@@ -16,6 +16,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect
 from test_ledger import MONTH, PLANS, Gate, ledger_for, run_request, stored
 
+from conftest import ONE_BACKEND
 from llm_billing import context
 from llm_billing.core.config import parse_config
 from llm_billing.core.usage import Protocol, Usage
@@ -23,13 +24,7 @@ from llm_billing.limits import Hold, Limits
 from llm_billing.settings import Settings
 from llm_billing.storage.ledger import QuotaLedger, UsageContention
 
-CONFIG = """
-[[backends]]
-name = "b"
-url = "http://127.0.0.1:9"
-models = ["m"]
-auth = { type = "none" }
-
+CONFIG = ONE_BACKEND + """
 [plans.capped]
 monthly_tokens = 1000
 overage = "blocked"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from mitmproxy import http
 from mitmproxy.test import tflow
 
+from conftest import ONE_BACKEND
 from llm_billing import context
 from llm_billing.core.config import parse_config
 from llm_billing.core.outcome import Outcome
@@ -13,13 +14,7 @@ from llm_billing.core.request import RequestContext
 from llm_billing.meter import Meter
 from llm_billing.settle import Settle
 
-CONFIG = """
-[[backends]]
-name = "b"
-url = "http://127.0.0.1:9"
-models = ["m"]
-auth = { type = "none" }
-"""
+CONFIG = ONE_BACKEND
 USAGE = b'{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
 
 
