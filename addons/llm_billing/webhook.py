@@ -123,6 +123,8 @@ class StripeWebhook:
         except EventError as e:
             return _reply(400, {"error": str(e)})
         try:
+            if not (signature or "").isascii():  # the library's compare would raise TypeError
+                raise stripe.SignatureVerificationError("non-ASCII signature", signature)
             stripe.WebhookSignature.verify_header(text, signature or "", secret, tolerance=300)
         except (stripe.SignatureVerificationError, ValueError) as e:
             logger.warning(f"Stripe webhook refused: {e}")
