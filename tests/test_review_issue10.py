@@ -7,17 +7,35 @@ stripe library talking to the Stripe double, real signatures.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 from pymongo import AsyncMongoClient
-from stripe_double import StripeDouble, sign
-from webhook_harness import SECRET, OneClient, webhook_addon
+from stripe_double import StripeDouble, sign, subscription
+from webhook_harness import SECRET, OneClient, answer, deliver, stripe_event, webhook_addon
 
 STARTER, PRO = "price_starter_llmgateway", "price_pro_llmgateway"
+
+
+class HangingStripe(StripeDouble):
+    """The double, but ``GET /v1/subscriptions/…`` waits until released (a slow Stripe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def respond(self, method: str, path: str, params: dict[str, Any]) -> tuple[int, dict]:
+        if method == "GET" and path.startswith("/v1/subscriptions/"):
+            self.entered.set()
+            self.release.wait(30)
+        return super().respond(method, path, params)
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +74,38 @@ def test_a_non_ascii_signature_gets_400_not_500(mongo_uri: str, double: StripeDo
     assert answers[0] == answers[2] == (400, {"error": "invalid signature"})
     assert answers[1][0] in (200, 400)  # a valid v1 next to a junk one: Stripe's own rule
     assert "Stripe webhook failed" not in caplog.text
+
+
+def test_a_slow_stripe_does_not_hold_the_default_executor(mongo_uri: str):
+    """The subscription fetch must not park a thread of the loop's default executor for
+    as long as Stripe takes (80 s, retried): that pool also resolves every upstream host
+    name (``loop.getaddrinfo``), so a slow Stripe would stall all proxied requests."""
+    stripe = HangingStripe().start()
+    user_id, customer, sub = ids()
+    stripe.subscriptions[sub] = subscription(sub, customer, PRO, "active", user_id)
+    payload = stripe_event("customer.subscription.updated", stripe.subscriptions[sub],
+                           f"evt_{uuid.uuid4().hex}")
+    waiter = concurrent.futures.ThreadPoolExecutor(1)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        addon = webhook_addon(OneClient(AsyncMongoClient(mongo_uri, tz_aware=True)), stripe)
+        delivery = asyncio.create_task(deliver(addon, payload))
+        await loop.run_in_executor(waiter, stripe.entered.wait, 30)  # Stripe is answering
+        try:
+            await asyncio.wait_for(loop.getaddrinfo("localhost", 80), 5)
+            resolved = True
+        except TimeoutError:
+            resolved = False
+        stripe.release.set()
+        return resolved, answer(await delivery)
+
+    try:
+        resolved, delivered = asyncio.run(go())
+    finally:
+        stripe.release.set()
+        stripe.stop()
+        waiter.shutdown()
+    assert resolved, "a host name could not be resolved while Stripe was slow"
+    assert delivered == (200, {"received": True})

@@ -21,7 +21,9 @@ whatever it carries.
   write carries ``stripe_synced_at`` (when its fetch began) and never replaces a later
   one, so two deliveries handled at once cannot put an older fetch over a newer one. An
   ended subscription that is not the user's current one changes nothing. If Stripe
-  cannot be reached, the answer is 503 and Stripe retries.
+  cannot be reached, the answer is 503 and Stripe retries. Stripe is called with
+  the async client: a slow Stripe holds no thread of the loop's default executor (which
+  also resolves upstream host names).
 - **Applied once, or again**: the event id goes into ``billing.stripe_events`` as
   ``processing`` before it is applied and becomes ``done`` only after; a ``done`` event
   is answered ``200 duplicate``, anything else is applied (again — applying is
@@ -33,7 +35,6 @@ dropped) and other instances within ``user_cache_ttl``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from datetime import UTC, datetime
@@ -202,18 +203,20 @@ class StripeWebhook:
         logger.info(f"Stripe event {event.type}: user {user_id} {fields}")
         return f"user {user_id}: {fields['plan']} ({fields['subscription_status']})"
 
-    async def _subscription(self, settings: StripeSettings,
-                            subscription_id: str) -> dict[str, Any] | None:
-        """The subscription as Stripe has it now; None if Stripe has no such subscription."""
+    def _client(self, settings: StripeSettings) -> stripe.StripeClient:
         if not settings.secret_key:
             raise StripeUnavailable("STRIPE_SECRET_KEY is not set: subscriptions cannot "
                                     "be fetched")
         if self._stripe is None or self._stripe[0] is not settings:  # config reloaded
             self._stripe = (settings, client_for(settings))
-        client = self._stripe[1]
-        try:  # the synchronous client: its async one needs httpx, not a dependency
-            subscription = await asyncio.to_thread(client.v1.subscriptions.retrieve,
-                                                   subscription_id)
+        return self._stripe[1]
+
+    async def _subscription(self, settings: StripeSettings,
+                            subscription_id: str) -> dict[str, Any] | None:
+        """The subscription as Stripe has it now; None if Stripe has no such subscription."""
+        client = self._client(settings)
+        try:
+            subscription = await client.v1.subscriptions.retrieve_async(subscription_id)
         except stripe.InvalidRequestError as e:
             if e.http_status == 404:
                 return None
