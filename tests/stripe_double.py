@@ -4,7 +4,8 @@ It answers the endpoints the proxy uses in Stripe's JSON shapes, records every r
 (form-decoded), refuses a second meter event with the same identifier as Stripe does,
 serves the subscriptions a test puts in ``subscriptions`` (``GET /v1/subscriptions/{id}``:
 Stripe's current state, which webhook events only point at; 404 ``resource_missing`` for
-others), and can be switched "down" (HTTP 500 on every endpoint) to test retries. Also
+others; ``GET /v1/subscriptions?customer=``: a customer's, not cancelled, newest first),
+and can be switched "down" (HTTP 500 on every endpoint) to test retries. Also
 signs webhook payloads the way Stripe does:
 ``Stripe-Signature: t=<ts>,v1=HMAC-SHA256(secret, "<ts>.<payload>")``.
 """
@@ -105,6 +106,12 @@ class StripeDouble:
         if self.down:
             return 500, {"error": {"type": "api_error",
                                    "message": "An unknown error occurred"}}
+        if path == "/v1/subscriptions" and method == "GET":  # not cancelled, newest first
+            listed = [s for s in reversed(self.subscriptions.values())
+                      if s.get("customer") == params.get("customer")
+                      and s.get("status") != "canceled"]
+            return 200, {"object": "list", "data": listed, "has_more": False,
+                         "url": "/v1/subscriptions"}
         if path.startswith("/v1/subscriptions/") and method == "GET":
             subscription_id = path.removeprefix("/v1/subscriptions/")
             if doc := self.subscriptions.get(subscription_id):

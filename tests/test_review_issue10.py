@@ -109,3 +109,43 @@ def test_a_slow_stripe_does_not_hold_the_default_executor(mongo_uri: str):
         waiter.shutdown()
     assert resolved, "a host name could not be resolved while Stripe was slow"
     assert delivered == (200, {"received": True})
+
+
+def test_two_subscriptions_the_newest_active_one_decides(mongo_uri: str, db,
+                                                          double: StripeDouble):
+    """A Starter subscriber buys Pro through a new checkout and cancels Starter at period
+    end (the Customer Portal's default): Starter's ``updated`` (still active, cancelling)
+    must not put them back on Starter, nor its ``deleted`` at period end on Free, while
+    Pro is paid. Then Pro is cancelled while Starter still runs: Starter."""
+    user_id, customer, old = ids()
+    new = f"{old}_new"
+    double.subscriptions[old] = subscription(old, customer, STARTER, "active", user_id)
+    double.subscriptions[new] = subscription(new, customer, PRO, "active", user_id)
+    ends = []
+
+    async def go():
+        addon = webhook_addon(OneClient(AsyncMongoClient(mongo_uri, tz_aware=True)), double)
+
+        async def send(kind: str, sub: str, obj: dict[str, Any] | None = None) -> None:
+            payload = stripe_event(kind, obj or double.subscriptions[sub],
+                                   f"evt_{uuid.uuid4().hex}")
+            assert answer(await deliver(addon, payload))[0] == 200
+            doc = db.billing.users.find_one({"_id": user_id}) or {}
+            ends.append((kind, doc.get("plan"), doc.get("stripe_subscription_id")))
+
+        await send("checkout.session.completed", new, {
+            "id": f"cs_{new}", "object": "checkout.session", "client_reference_id": user_id,
+            "customer": customer, "subscription": new})
+        await send("customer.subscription.updated", old)  # cancel_at_period_end: true
+        double.subscriptions[old] = subscription(old, customer, STARTER, "canceled", user_id)
+        await send("customer.subscription.deleted", old)
+        # the other way round: Pro ends, an (older) Starter subscription is still paid
+        double.subscriptions[old] = subscription(old, customer, STARTER, "active", user_id)
+        double.subscriptions[new] = subscription(new, customer, PRO, "canceled", user_id)
+        await send("customer.subscription.deleted", new)
+
+    asyncio.run(go())
+    assert ends == [("checkout.session.completed", "pro", new),
+                    ("customer.subscription.updated", "pro", new),
+                    ("customer.subscription.deleted", "pro", new),
+                    ("customer.subscription.deleted", "starter", old)]

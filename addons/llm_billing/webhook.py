@@ -20,8 +20,10 @@ whatever it carries.
   ``created`` has one-second resolution and a checkout's events share one second. Each
   write carries ``stripe_synced_at`` (when its fetch began) and never replaces a later
   one, so two deliveries handled at once cannot put an older fetch over a newer one. An
-  ended subscription that is not the user's current one changes nothing. If Stripe
-  cannot be reached, the answer is 503 and Stripe retries. Stripe is called with
+  ended subscription that is not the user's current one changes nothing. A customer
+  with several subscriptions (a new checkout, the old one cancelled at period end) gets
+  the plan of their newest active one, listed from Stripe, whichever event arrives. If
+  Stripe cannot be reached, the answer is 503 and Stripe retries. Stripe is called with
   the async client: a slow Stripe holds no thread of the loop's default executor (which
   also resolves upstream host names).
 - **Applied once, or again**: the event id goes into ``billing.stripe_events`` as
@@ -45,6 +47,7 @@ from mitmproxy import http
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from .core.stripe_rules import (
+    ACTIVE_SUBSCRIPTION,
     MAX_EVENT_BYTES,
     EventError,
     Signal,
@@ -189,6 +192,10 @@ class StripeWebhook:
                                f"customer {customer}")
                 return "unknown customer"
             user_id = user["_id"]
+        customer = subscription_customer(subscription)
+        newest = customer and await self._newest_active(config.stripe, customer, user_id)
+        if newest:
+            subscription = newest  # several subscriptions: the newest paid one decides
         fields = subscription_fields(subscription, user, config.plans, config.stripe)
         if fields is None:
             return f"user {user_id}: not their current subscription"
@@ -224,3 +231,19 @@ class StripeWebhook:
         except stripe.StripeError as e:
             raise StripeUnavailable(type(e).__name__) from None
         return subscription.to_dict()
+
+    async def _newest_active(self, settings: StripeSettings, customer: str,
+                             user_id: Any) -> dict[str, Any] | None:
+        """The customer's newest active subscription (Stripe lists newest first) that is
+        not another user's, or None."""
+        try:
+            page = await self._client(settings).v1.subscriptions.list_async(
+                params={"customer": customer, "limit": 100})
+        except stripe.StripeError as e:
+            raise StripeUnavailable(type(e).__name__) from None
+        for listed in page.data:
+            subscription = listed.to_dict()
+            owner = subscription_user(subscription)
+            if subscription.get("status") in ACTIVE_SUBSCRIPTION and owner in (None, user_id):
+                return subscription
+        return None
