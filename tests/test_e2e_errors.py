@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime, timedelta
 
 import anthropic
@@ -167,3 +168,15 @@ def test_client_cannot_spoof_user_headers(proxy: Proxy, key: ApiKey, upstream: F
                        "X-Plan-ID": "enterprise"})
     headers = upstream.exchange(test_id).headers
     assert headers["x-user-id"] == key.user_id and headers["x-plan-id"] == "enterprise"
+
+
+@pytest.mark.parametrize("path", ["/webhook/stripe", "/v1/chat/completions", "/v1/nope"])
+def test_an_announced_huge_body_is_refused_before_it_is_read(proxy: Proxy, path: str):
+    """mitmproxy reads a body before any hook may answer: without a limit a client could
+    announce (and send) gigabytes to any path. 413 at once, nothing read."""
+    with socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])), 5) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {10 << 30}\r\n\r\n".encode())
+        s.settimeout(5)
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]

@@ -5,6 +5,9 @@
   or rewritten to its backend, so the reverse target itself is never contacted.
 - ``connection_strategy=lazy``: connect upstream per request, after routing (eager would
   connect to the reverse target as soon as a client connects).
+- ``body_size_limit`` (unless set): mitmproxy reads a request's whole body before any
+  hook can answer it, so without a limit anyone could announce (and send) gigabytes, to
+  any path. The default fits the largest LLM requests (inline images, audio, PDFs).
 - ``UpstreamCredentials`` joins the very end of the addon chain (see upstream_auth).
 """
 
@@ -19,6 +22,7 @@ from .upstream_auth import UpstreamCredentials
 logger = logging.getLogger(__name__)
 
 UNUSED_REVERSE_TARGET = "reverse:http://127.0.0.1:9"
+BODY_SIZE_LIMIT = "128m"
 
 
 class ProxyDefaults:
@@ -36,6 +40,8 @@ class ProxyDefaults:
             updates["mode"] = [UNUSED_REVERSE_TARGET]
         if ctx.options.connection_strategy != "lazy":
             updates["connection_strategy"] = "lazy"
+        if not ctx.options.body_size_limit:
+            updates["body_size_limit"] = BODY_SIZE_LIMIT
         if updates:
             logger.info(f"Billing proxy defaults: {updates}")
             ctx.options.update(**updates)
