@@ -20,6 +20,9 @@ from llm_billing.storage.database import Database
 from llm_billing.stripe_reporter import StripeReporter
 from llm_billing.upstream_auth import CredentialRedactor
 from llm_billing.users import UserPlans
+from llm_billing.web import app as web_app
+from llm_billing.web.health import Health
+from llm_billing.web.serve import WebApp
 from llm_billing.webhook import StripeWebhook
 
 proxy_errors.install()
@@ -29,6 +32,7 @@ database = Database()
 user_plans = UserPlans(database, settings)
 limits = Limits(database, settings)
 event_log = EventLog(database, settings, limits.ledger)  # journal ↔ usage writes
+health = Health(database, event_log)
 
 addons = [
     ProxyDefaults(),
@@ -37,6 +41,8 @@ addons = [
     KeyAuth(database, settings),
     user_plans,
     StripeWebhook(database, settings, user_plans),  # answers /webhook/stripe itself
+    WebApp(web_app.build(database, settings, health)),  # /portal, /docs, /health, /metrics
+    health,
     Router(settings),
     CredentialRedactor(),
     Meter(),

@@ -289,6 +289,10 @@ class EventLog:
                         delay = min(delay * 2, 10.0)
         return found
 
+    def backlog(self) -> int:
+        """Events queued or being written."""
+        return self.queue.qsize() + len(self._in_flight)
+
     async def done(self) -> None:
         """Drain the queue for a while; what is left stays in the journal for next time."""
         if self._writer is None:
