@@ -6,6 +6,7 @@ Addons run in this order on each request; README.md ("How it works") walks throu
 """
 
 from llm_billing import proxy_errors
+from llm_billing.api_info import ApiInfo
 from llm_billing.defaults import ProxyDefaults
 from llm_billing.eventlog import EventLog
 from llm_billing.finish_upstream import FinishUpstream
@@ -22,6 +23,8 @@ from llm_billing.upstream_auth import CredentialRedactor
 from llm_billing.users import UserPlans
 from llm_billing.web import app as web_app
 from llm_billing.web.health import Health
+from llm_billing.web.metrics import Metrics
+from llm_billing.web.portal import Portal
 from llm_billing.web.serve import WebApp
 from llm_billing.webhook import StripeWebhook
 
@@ -33,23 +36,31 @@ user_plans = UserPlans(database, settings)
 limits = Limits(database, settings)
 event_log = EventLog(database, settings, limits.ledger)  # journal ↔ usage writes
 health = Health(database, event_log)
+key_auth = KeyAuth(database, settings)
+metrics = Metrics(settings, database, event_log, key_auth)
+portal = Portal(database, settings)
 
 addons = [
     ProxyDefaults(),
     SlowClients(),  # every connection: closes the ones slow to send request headers
     settings,
-    KeyAuth(database, settings),
+    metrics.gate(),  # /metrics' bearer token, read before KeyAuth strips it
+    key_auth,
     user_plans,
+    ApiInfo(database, settings, limits),  # answers /v1/models, /v1/usage (authenticated)
     StripeWebhook(database, settings, user_plans),  # answers /webhook/stripe itself
-    WebApp(web_app.build(database, settings, health)),  # /portal, /docs, /health, /metrics
+    WebApp(web_app.build(database, settings, health,
+                         extra=[*portal.routes(), *metrics.routes()])),  # /portal, /docs…
     health,
+    portal,  # options; at start: session secret, seed 000's admin
     Router(settings),
     CredentialRedactor(),
     Meter(),
     limits,  # after Router (request hook)
     FinishUpstream(),  # after limits: a non-streamed answer is billed even if its client left
     event_log,
-    Settle(limits, event_log),  # the one step that ends a request; feeds limits, then events
+    metrics,  # after the limits and the event log: times the send upstream
+    Settle(limits, event_log, metrics),  # the one step that ends a request; feeds them in order
     StripeReporter(database, settings),
     database,  # last, so it closes after the event log has flushed
 ]

@@ -476,6 +476,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not streaming:
                 return self._json(ex, 200, responses_json(body, test_id))
             return self._sse(ex, responses_stream(body, test_id), test_id, scenario)
+        if path.endswith("/messages/count_tokens"):  # Anthropic counts for free
+            return self._json(ex, 200, {"input_tokens": prompt_tokens_for(body)})
         if path.endswith("/messages"):
             ex.usage = anthropic_usage(body)
             if not streaming:

@@ -104,7 +104,7 @@ class EventLog:
     def request(self, flow: http.HTTPFlow) -> None:
         rc = context.of(flow)
         if (rc is None or flow.response or rc.backend is None or rc.replayed
-                or self.journal is None):
+                or self.journal is None or not rc.protocol.billed):
             return
         assert self.settings is not None and self.settings.config is not None
         rc.intent = self.journal.append(INTENT, intent_event(rc, self.settings.config.prices))

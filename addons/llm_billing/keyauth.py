@@ -32,6 +32,7 @@ from pymongo.errors import PyMongoError
 
 from . import context
 from .context import Caller
+from .core.api_info import api_route
 from .core.client_limit import ClientRate, client_network
 from .core.config import Config
 from .core.redact import configured_secrets
@@ -127,7 +128,8 @@ class KeyAuth:
         config = self.settings.config
         assert config is not None
         path = flow.request.path.partition("?")[0]
-        route = config.route_for(path)
+        route = config.route_for(path) or api_route(  # the proxy's own API (api_info.py)
+            path, anthropic="anthropic-version" in flow.request.headers)
         token = None
         if flow.live:  # the first hook of every request, routed or not: nothing later sees it
             token = extract_token(flow.request, query_key=route is not None

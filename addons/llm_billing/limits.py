@@ -78,7 +78,7 @@ class Limits:
     async def request(self, flow: http.HTTPFlow) -> None:
         rc = context.of(flow)
         if (rc is None or flow.response or rc.replayed or rc.backend is None
-                or not ctx.options.limits):
+                or not ctx.options.limits or not rc.protocol.billed):
             return
         config = self.settings.config
         assert config is not None

@@ -43,7 +43,8 @@ class Settle:
 
     def settle(self, flow: http.HTTPFlow) -> None:
         rc = context.of(flow)
-        if rc is None or rc.backend is None or rc.outcome is not None:
+        if rc is None or rc.backend is None or rc.outcome is not None \
+                or not rc.protocol.billed:  # e.g. Anthropic's token counting
             return
         if rc.meter is None and flow.response is not None:
             # Not streamed through us (a saved flow replayed offline): meter the stored

@@ -32,6 +32,7 @@ DEFAULT_ROUTES = {
     "/v1/embeddings": Protocol.OPENAI_EMBEDDINGS,
     "/v1/responses": Protocol.OPENAI_RESPONSES,
     "/v1/messages": Protocol.ANTHROPIC_MESSAGES,
+    "/v1/messages/count_tokens": Protocol.ANTHROPIC_COUNT_TOKENS,
     "/v1beta/models/{model}:generateContent": Protocol.GEMINI,
     "/v1beta/models/{model}:streamGenerateContent": Protocol.GEMINI,
     "/v1/models/{model}:generateContent": Protocol.GEMINI,

@@ -36,13 +36,19 @@ class Protocol(StrEnum):
     OPENAI_EMBEDDINGS = "openai-embeddings"
     OPENAI_RESPONSES = "openai-responses"
     ANTHROPIC_MESSAGES = "anthropic-messages"
+    ANTHROPIC_COUNT_TOKENS = "anthropic-count-tokens"  # forwarded, never billed
     GEMINI = "gemini"
 
     @property
     def error_format(self) -> str:
-        if self is Protocol.ANTHROPIC_MESSAGES:
+        if self in (Protocol.ANTHROPIC_MESSAGES, Protocol.ANTHROPIC_COUNT_TOKENS):
             return "anthropic"
         return "google" if self is Protocol.GEMINI else "openai"
+
+    @property
+    def billed(self) -> bool:
+        """False for a route that is forwarded but costs nothing (no limits, no event)."""
+        return self is not Protocol.ANTHROPIC_COUNT_TOKENS
 
     @property
     def accepts_stream_options(self) -> bool:

@@ -1,0 +1,128 @@
+"""Log in, log out, change the password, sign up."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mitmproxy import ctx
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from ...core.client_limit import client_network
+from ...settings import Settings
+from ...storage.database import Database
+from . import accounts
+from .render import render
+from .session import current_account, form, requires, start_session
+
+ACCOUNT_FAILURES = 5  # failed logins per account per window
+ADDRESS_FAILURES = 20  # failed logins per client address per window
+FAILURE_WINDOW = 15 * 60.0
+
+
+def home_of(account: dict[str, Any]) -> str:
+    return "/portal/users" if account.get("role") == "admin" else "/portal/me"
+
+
+class AuthPages:
+    def __init__(self, database: Database, settings: Settings) -> None:
+        self.database = database
+        self.settings = settings
+        self.by_account = accounts.LoginThrottle(ACCOUNT_FAILURES, FAILURE_WINDOW)
+        self.by_address = accounts.LoginThrottle(ADDRESS_FAILURES, FAILURE_WINDOW)
+
+    async def login(self, request: Request) -> Response:
+        if request.method == "GET":
+            if account := await current_account(request, self.database):
+                return RedirectResponse(home_of(account), 303)
+            return render(request, "login.html", signup=signup_open())
+        data = await form(request)
+        email = accounts.normal_email(str(data.get("email", "")))[:254]
+        password = str(data.get("password", ""))[:1024]
+        address = client_network(request.client.host if request.client else "")
+        wait = max(self.by_account.wait(email), self.by_address.wait(address))
+        if wait > 0:
+            response = render(request, "login.html", 429, email=email, signup=signup_open(),
+                              error="Too many failed logins. Try again later.")
+            response.headers["retry-after"] = str(math.ceil(wait))
+            return response
+        account = await accounts.find(await self.database.client(), email)
+        if not await accounts.verify_password(account and account.get("password_hash"),
+                                              password):
+            self.by_account.failed(email)
+            self.by_address.failed(address)
+            return render(request, "login.html", 401, email=email, signup=signup_open(),
+                          error="Wrong email or password.")
+        self.by_account.succeeded(email)
+        assert account is not None
+        start_session(request, account)
+        if account.get("must_change_password"):
+            return RedirectResponse("/portal/password", 303)
+        return RedirectResponse(home_of(account), 303)
+
+    async def logout(self, request: Request) -> Response:
+        await form(request)
+        request.session.clear()
+        return RedirectResponse("/portal/login", 303)
+
+    @requires()
+    async def password(self, request: Request) -> Response:
+        account = request.state.account
+        forced = bool(account.get("must_change_password"))
+        if request.method == "GET":
+            return render(request, "password.html", forced=forced)
+        data = await form(request)
+        current, new = str(data.get("current", "")), str(data.get("new", ""))
+        error = None
+        if not await accounts.verify_password(account.get("password_hash"), current):
+            error = "The current password is wrong."
+        elif new != data.get("confirm"):
+            error = "The new passwords differ."
+        elif new == current:
+            error = "Choose a password different from the current one."
+        else:
+            error = accounts.password_problem(new, account["_id"])
+        if error:
+            return render(request, "password.html", 400, forced=forced, error=error)
+        generation = await accounts.set_password(await self.database.client(), account["_id"],
+                                                 new)
+        start_session(request, {**account, "session_generation": generation})
+        return RedirectResponse(home_of(account), 303)
+
+    async def signup(self, request: Request) -> Response:
+        if not signup_open():
+            return render(request, "message.html", 404, title="Sign-up is closed",
+                          message="Ask an administrator for an account.")
+        if request.method == "GET":
+            return render(request, "signup.html")
+        data = await form(request)
+        email = accounts.normal_email(str(data.get("email", "")))[:254]
+        password = str(data.get("password", ""))
+        error = None
+        if "@" not in email or any(c.isspace() for c in email):
+            error = "Enter a valid email address."
+        elif password != data.get("confirm"):
+            error = "The passwords differ."
+        else:
+            error = accounts.password_problem(password, email)
+        client = await self.database.client()
+        if error is None and (
+                await client.billing.users.find_one({"_id": email}) is not None
+                or not await accounts.create(client, email, password, "user", user_id=email)):
+            error = "An account with that email exists; log in instead."
+        if error:
+            return render(request, "signup.html", 400, email=email, error=error)
+        config = self.settings.config
+        assert config is not None
+        await client.billing.users.update_one(
+            {"_id": email}, {"$setOnInsert": {"plan": config.default_plan, "email": email,
+                                              "date_created": accounts.now()}}, upsert=True)
+        account = await accounts.find(client, email)
+        assert account is not None
+        start_session(request, account)
+        return RedirectResponse("/portal/me", 303)
+
+
+def signup_open() -> bool:
+    return bool(ctx.options.portal_signup)

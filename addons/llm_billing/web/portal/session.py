@@ -1,0 +1,151 @@
+"""Portal sessions: a signed cookie (Starlette's SessionMiddleware, itsdangerous), CSRF
+tokens, and who is logged in.
+
+The cookie is ``HttpOnly``, ``SameSite=Lax``, limited to ``/portal`` and ``Secure`` when the
+request came over https. It holds the account's email, its session generation and the
+session's CSRF token — nothing secret from its holder. Every POST must carry that token
+(``form()``); a form without it gets 403.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ...storage.database import Database
+from . import accounts
+
+SESSION_SECRET_ENV = "LLM_BILLING_SESSION_SECRET"
+SESSION_SECRET_FILE = "portal_session_secret"
+COOKIE = "portal_session"
+MAX_AGE = 12 * 3600
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; "
+                                 b"frame-ancestors 'none'; form-action 'self'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"cache-control", b"no-store"),  # pages show keys and usage: never cached
+]
+
+
+def session_secret(data_dir: Path) -> str:
+    """``LLM_BILLING_SESSION_SECRET``, else one generated once and kept in the data dir."""
+    if secret := os.environ.get(SESSION_SECRET_ENV):
+        return secret
+    path = data_dir / SESSION_SECRET_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another instance made it first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    return secret
+
+
+class Sessions:
+    """ASGI middleware: the session cookie (Secure on https), and the pages' security
+    headers. ``secret`` is set once the proxy runs (it needs the data dir)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.secret: str | None = None
+        self._by_scheme: dict[bool, SessionMiddleware] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.secret is None:
+            await Response("The portal is starting", 503)(scope, receive, send)
+            return
+        https = str(scope.get("scheme", "")).lower() == "https"  # mitmproxy: "HTTP"/"HTTPS"
+        middleware = self._by_scheme.get(https)
+        if middleware is None:
+            middleware = self._by_scheme[https] = SessionMiddleware(
+                self.app, self.secret, session_cookie=COOKIE, max_age=MAX_AGE,
+                path="/portal", same_site="lax", https_only=https)
+
+        async def with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []),
+                                      *(h for h in SECURITY_HEADERS if h[0] not in names)]
+            await send(message)
+
+        await middleware(scope, receive, with_headers)
+
+
+def csrf_token(request: Request) -> str:
+    token = request.session.get("csrf")
+    if not token:
+        token = request.session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+async def form(request: Request) -> FormData:
+    """The POSTed form, once its CSRF token matches the session's; else 403."""
+    data = await request.form()
+    sent = data.get("csrf")
+    expected = request.session.get("csrf")
+    if not isinstance(sent, str) or not expected or not hmac.compare_digest(
+            sent.encode(), expected.encode()):
+        raise HTTPException(403, "Missing or wrong CSRF token: reload the page and try again.")
+    return data
+
+
+def start_session(request: Request, account: dict[str, Any]) -> None:
+    """A new session for a login (never the one the browser had: no fixation)."""
+    request.session.clear()
+    request.session.update({"account": account["_id"],
+                            "generation": account.get("session_generation", 0),
+                            "csrf": secrets.token_urlsafe(32)})
+
+
+async def current_account(request: Request, database: Database) -> dict[str, Any] | None:
+    email = request.session.get("account")
+    if not isinstance(email, str):
+        return None
+    account = await accounts.find(await database.client(), email)
+    if account is None or account.get("session_generation", 0) != request.session.get(
+            "generation"):
+        request.session.clear()
+        return None
+    return account
+
+
+Endpoint = Callable[[Any, Request], Awaitable[Response]]
+
+
+def requires(role: str | None = None) -> Callable[[Endpoint], Endpoint]:
+    """Page methods (of an object with ``database``) for logged-in accounts (``role``: only
+    that role). Sets ``request.state.account``; a forced password change comes first."""
+    def decorate(endpoint: Endpoint) -> Endpoint:
+        @functools.wraps(endpoint)
+        async def guarded(self: Any, request: Request) -> Response:
+            account = await current_account(request, self.database)
+            if account is None:
+                return RedirectResponse("/portal/login", 303)
+            if account.get("must_change_password") and request.url.path != "/portal/password":
+                return RedirectResponse("/portal/password", 303)
+            if role is not None and account.get("role") != role:
+                raise HTTPException(403, "Not allowed")
+            request.state.account = account
+            return await endpoint(self, request)
+        return guarded
+    return decorate

@@ -1,0 +1,137 @@
+"""The proxy's own API for key holders, through a real mitmdump with the official SDKs:
+``/v1/models``, ``/v1/usage``, Anthropic's ``count_tokens`` (forwarded, never billed) and
+the quota headers on completions."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from conftest import (
+    UPSTREAM_KEYS,
+    ApiKey,
+    Proxy,
+    anthropic_client,
+    openai_client,
+    set_plan,
+    usage_doc,
+    wait_for_events,
+    wait_for_usage,
+)
+from fake_upstream import FakeUpstream, prompt_tokens_for
+
+MESSAGES = [{"role": "user", "content": "Hello!"}]
+# What conftest's write_config lists, in file order; "needs-missing-env" has no credential.
+MODELS = ["gpt-4o-mini", "o3-mini", "o4-mini", "gpt-4.1-mini", "gpt-4.1",
+          "text-embedding-3-small", "gpt-3.5-turbo-instruct", "vllm-*", "llamacpp-*",
+          "meta-llama/*", "claude-*", "gemini-*", "down-model"]
+
+
+def nothing_billed(db, user_id: str) -> bool:
+    return (db.billing.events_completion.count_documents({"user_id": user_id}) == 0
+            and db.billing.events_failed.count_documents({"user_id": user_id}) == 0
+            and usage_doc(db, user_id) == {})
+
+
+def test_openai_models_list(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db,
+                            test_id: str):
+    client = openai_client(proxy, key.token)
+    models = list(client.models.list(extra_headers={"X-Test-Id": test_id}))
+    assert [m.id for m in models] == MODELS
+    assert {m.object for m in models} == {"model"}
+    assert models[0].owned_by == "fake-openai" and models[10].owned_by == "fake-anthropic"
+    assert client.models.retrieve("meta-llama/*").owned_by == "fake-openai"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    assert test_id not in upstream.calls  # answered by the proxy, never forwarded
+    assert nothing_billed(db, key.user_id)
+
+
+def test_anthropic_models_list_pages(proxy: Proxy, key: ApiKey, db):
+    client = anthropic_client(proxy, key.token)
+    page = client.models.list(limit=5)
+    assert [m.id for m in page.data] == MODELS[:5] and page.has_more
+    assert page.first_id == MODELS[0] and page.last_id == MODELS[4]
+    models = list(client.models.list(limit=5))  # the SDK follows after_id to the end
+    assert [m.id for m in models] == MODELS
+    assert {(m.type, m.lifecycle) for m in models} == {("model", "active")}
+    assert models[10].display_name == "claude-*" and models[10].created_at.year == 1970
+    assert [m.id for m in client.models.list(before_id=MODELS[5], limit=2).data] == \
+        MODELS[3:5]
+    assert client.models.retrieve("claude-*").id == "claude-*"
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("no-such-model")
+    assert nothing_billed(db, key.user_id)
+
+
+def test_unauthenticated_gets_401_in_the_callers_format(proxy: Proxy):
+    with pytest.raises(openai.AuthenticationError) as openai_error:
+        openai_client(proxy, "not-a-key").models.list()
+    assert openai_error.value.code == "invalid_api_key"
+    with pytest.raises(anthropic.AuthenticationError) as anthropic_error:
+        anthropic_client(proxy, "not-a-key").models.list()
+    assert anthropic_error.value.body["error"]["type"] == "authentication_error"
+    for path in ("/v1/usage", "/v1/models", "/v1/models/gpt-4o-mini"):
+        response = httpx.get(f"{proxy.url}{path}")
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "missing_api_key"
+    response = httpx.get(f"{proxy.url}/v1/usage", headers={"anthropic-version": "2023-06-01"})
+    assert response.status_code == 401 and response.json()["type"] == "error"
+
+
+def test_count_tokens_is_forwarded_and_never_billed(proxy: Proxy, upstream: FakeUpstream,
+                                                    key: ApiKey, db, test_id: str):
+    set_plan(db, key.user_id, "quota-test")  # a blocking quota: nothing may be held either
+    client = anthropic_client(proxy, key.token)
+    counted = client.messages.count_tokens(model="claude-opus-4-7", messages=MESSAGES,
+                                           extra_headers={"X-Test-Id": test_id})
+    exchange = upstream.exchange(test_id)
+    assert counted.input_tokens == prompt_tokens_for({"messages": MESSAGES}) > 0
+    assert exchange.path == "/anthropic/v1/messages/count_tokens"
+    assert exchange.headers["x-api-key"] == UPSTREAM_KEYS["FAKE_ANTHROPIC_KEY"]
+    # a billed request afterwards is written; the count before it never is
+    client.messages.create(model="claude-opus-4-7", max_tokens=9, messages=MESSAGES)
+    [event] = wait_for_events(db, key.user_id, 1)
+    assert event["path"] == "/v1/messages"
+    doc = wait_for_usage(db, key.user_id, 1, field="requests")
+    assert doc["requests"] == 1 and doc["tokens"] == math.ceil(event["tokens_billed"])
+    assert db.billing.events_failed.count_documents({"user_id": key.user_id}) == 0
+
+
+def get_usage(proxy: Proxy, token: str) -> dict:
+    response = httpx.get(f"{proxy.url}/v1/usage", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_usage_equals_the_sum_of_the_users_events(proxy: Proxy, make_key, db):
+    key, other = make_key(), make_key()
+    set_plan(db, key.user_id, "starter")
+    assert get_usage(proxy, key.token)["tokens"] == 0
+    chat = openai_client(proxy, key.token)
+    chat.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    for _ in chat.chat.completions.create(model="o3-mini", messages=MESSAGES, stream=True):
+        pass
+    anthropic_client(proxy, key.token).messages.create(
+        model="claude-opus-4-7", max_tokens=9, messages=MESSAGES)
+    openai_client(proxy, other.token).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES)  # another user's: not in this key's usage
+    events = wait_for_events(db, key.user_id, 3)
+    assert len(events) == 3
+    usage = get_usage(proxy, key.token)  # settled usage, written or not yet
+    tokens = sum(math.ceil(e["tokens_billed"]) for e in events)
+    assert usage["tokens"] == tokens and usage["requests"] == 3
+    for name in ("prompt_tokens", "completion_tokens", "cache_read_tokens"):
+        assert usage["usage"].get(name, 0) == sum(e["usage"][name] for e in events)
+    assert Decimal(usage["cost"]) == sum(e["cost"].to_decimal() for e in events) > 0
+    assert usage["plan"] == {"id": "starter", "name": "Starter", "monthly_tokens": 100_000,
+                             "tokens_per_minute": 10_000, "overage": "0.002"}
+    assert usage["quota_left"] == 100_000 - tokens
+    assert usage["tpm"]["limit"] == 10_000 and 0 < usage["tpm"]["remaining"] <= 10_000
+    doc = wait_for_usage(db, key.user_id, tokens)
+    assert get_usage(proxy, key.token)["tokens"] == doc["tokens"] == tokens  # once written

@@ -1,0 +1,288 @@
+"""The portal through the real mitmdump: login, sessions, CSRF, throttling, admin pages,
+keys shown once, usage, self-service (httpx; the browser walk-through is in
+test_portal_browser.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from starlette.routing import Mount, Route
+
+from conftest import Proxy, openai_client, start_proxy, stop_proxy, wait_for_events, write_config
+from fake_upstream import FakeUpstream
+from llm_billing.web.portal import Portal
+from llm_billing.web.portal.accounts import DEFAULT_ADMIN_EMAIL, DEFAULT_ADMIN_PASSWORD
+
+NEW_ADMIN_PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory, mongo_uri: str, db, upstream: FakeUpstream) -> Iterator[Proxy]:
+    """A fresh install: no portal account yet."""
+    db.billing.portal_accounts.delete_many({})
+    tmp = tmp_path_factory.mktemp("portal")
+    config = write_config(tmp / "config.toml", upstream.url, "http://127.0.0.1:9")
+    proxy = start_proxy(tmp, mongo_uri, config, "--set", "portal_signup=true")
+    yield proxy
+    stop_proxy(proxy)
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert match, html
+    return match.group(1)
+
+
+def browser(proxy: Proxy) -> httpx.Client:
+    return httpx.Client(base_url=proxy.url, follow_redirects=False, timeout=30)
+
+
+def log_in(client: httpx.Client, email: str, password: str) -> httpx.Response:
+    token = csrf_of(client.get("/portal/login").text)
+    return client.post("/portal/login", data={"csrf": token, "email": email,
+                                              "password": password})
+
+
+def wait_for_admin(proxy: Proxy, db) -> None:
+    deadline = time.monotonic() + 20
+    while db.billing.portal_accounts.find_one({"role": "admin"}) is None:
+        assert time.monotonic() < deadline, proxy.log
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def admin(portal: Proxy, db) -> Iterator[httpx.Client]:
+    """A logged-in admin session, past the forced password change."""
+    wait_for_admin(portal, db)
+    with browser(portal) as client:
+        response = log_in(client, DEFAULT_ADMIN_EMAIL, DEFAULT_ADMIN_PASSWORD)
+        if response.status_code == 401:  # an earlier test changed it already
+            response = log_in(client, DEFAULT_ADMIN_EMAIL, NEW_ADMIN_PASSWORD)
+        else:
+            assert response.headers["location"] == "/portal/password"
+            token = csrf_of(client.get("/portal/password").text)
+            response = client.post("/portal/password", data={
+                "csrf": token, "current": DEFAULT_ADMIN_PASSWORD, "new": NEW_ADMIN_PASSWORD,
+                "confirm": NEW_ADMIN_PASSWORD})
+        assert response.status_code == 303, response.text
+        yield client
+
+
+def test_portal_redirects_to_login(portal: Proxy):
+    response = httpx.get(f"{portal.url}/portal")
+    assert (response.status_code, response.headers["location"]) == (303, "/portal/login")
+    login = httpx.get(f"{portal.url}/portal/login")
+    assert login.status_code == 200 and 'type="password"' in login.text
+
+
+def test_session_cookie_flags(portal: Proxy):
+    response = httpx.get(f"{portal.url}/portal/login")
+    cookie = response.headers["set-cookie"].lower()
+    assert cookie.startswith("portal_session=")
+    assert "httponly" in cookie and "samesite=lax" in cookie and "path=/portal" in cookie
+    assert "secure" not in cookie  # plain http here; https gets Secure (test_portal_units)
+    for header in ("content-security-policy", "x-frame-options"):
+        assert header in response.headers
+    assert response.headers["cache-control"] == "no-store"
+
+
+def test_default_admin_must_change_password(portal: Proxy, db):
+    wait_for_admin(portal, db)
+    assert "still has the default password" in portal.log
+    account = db.billing.portal_accounts.find_one({"_id": DEFAULT_ADMIN_EMAIL})
+    assert account["password_hash"].startswith("$argon2")
+    assert DEFAULT_ADMIN_PASSWORD not in str(account)
+    with browser(portal) as client:
+        response = log_in(client, DEFAULT_ADMIN_EMAIL, DEFAULT_ADMIN_PASSWORD)
+        assert (response.status_code, response.headers["location"]) == (303, "/portal/password")
+        # every page sends it back to the password form until the password is changed
+        assert client.get("/portal/users").headers["location"] == "/portal/password"
+        token = csrf_of(client.get("/portal/password").text)
+        refused = client.post("/portal/password", data={
+            "csrf": token, "current": DEFAULT_ADMIN_PASSWORD, "new": DEFAULT_ADMIN_PASSWORD,
+            "confirm": DEFAULT_ADMIN_PASSWORD})
+        assert refused.status_code == 400
+        changed = client.post("/portal/password", data={
+            "csrf": token, "current": DEFAULT_ADMIN_PASSWORD, "new": NEW_ADMIN_PASSWORD,
+            "confirm": NEW_ADMIN_PASSWORD})
+        assert (changed.status_code, changed.headers["location"]) == (303, "/portal/users")
+    with browser(portal) as client:
+        assert log_in(client, DEFAULT_ADMIN_EMAIL, DEFAULT_ADMIN_PASSWORD).status_code == 401
+        response = log_in(client, DEFAULT_ADMIN_EMAIL, NEW_ADMIN_PASSWORD)
+        assert (response.status_code, response.headers["location"]) == (303, "/portal/users")
+
+
+def test_post_without_csrf_token_is_refused(portal: Proxy, admin: httpx.Client):
+    with browser(portal) as client:
+        client.get("/portal/login")  # has a session and its token, but does not send it
+        response = client.post("/portal/login", data={"email": DEFAULT_ADMIN_EMAIL,
+                                                      "password": NEW_ADMIN_PASSWORD})
+        assert response.status_code == 403
+        wrong = client.post("/portal/login", data={
+            "csrf": "x" * 43, "email": DEFAULT_ADMIN_EMAIL, "password": NEW_ADMIN_PASSWORD})
+        assert wrong.status_code == 403
+    for path in post_paths(portal):  # every form of the portal, logged in as admin
+        response = admin.post(path, data={"user": "nobody", "plan": "pro"})
+        assert response.status_code == 403, (path, response.status_code)
+    assert admin.get("/portal/users").status_code == 200  # still logged in
+
+
+def post_paths(proxy: Proxy) -> list[str]:
+    paths = []
+    for route in Portal(None, None).page_routes():  # type: ignore[arg-type]
+        if isinstance(route, Route) and "POST" in (route.methods or ()):
+            paths.append("/portal" + route.path)
+        assert not isinstance(route, Mount) or route.path == "/static"
+    assert len(paths) >= 4
+    return paths
+
+
+def test_wrong_password_is_rate_limited(portal: Proxy, db):
+    email = "throttled@example.com"
+    with browser(portal) as client:
+        for _ in range(5):
+            assert log_in(client, email, "wrong password").status_code == 401
+        limited = log_in(client, email, "wrong password")
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 0
+        assert log_in(client, DEFAULT_ADMIN_EMAIL, "still wrong").status_code == 401  # per account
+
+
+def test_logout_ends_the_session(portal: Proxy, db, admin: httpx.Client):
+    with browser(portal) as client:
+        assert log_in(client, DEFAULT_ADMIN_EMAIL, NEW_ADMIN_PASSWORD).status_code == 303
+        assert client.get("/portal/users").status_code == 200
+        token = csrf_of(client.get("/portal/users").text)
+        assert client.post("/portal/logout", data={"csrf": token}).status_code == 303
+        assert client.get("/portal/users").headers["location"] == "/portal/login"
+
+
+def create_user(admin: httpx.Client, user: str, plan: str = "free", **extra: str):
+    token = csrf_of(admin.get("/portal/users").text)
+    return admin.post("/portal/users", data={"csrf": token, "user": user, "plan": plan,
+                                             **extra})
+
+
+def create_key(client: httpx.Client, **fields: str) -> str:
+    """The token, from the one page that shows it."""
+    token = csrf_of(client.get("/portal/keys").text)
+    response = client.post("/portal/keys", data={"csrf": token, **fields})
+    assert response.status_code == 201, response.text
+    match = re.search(r'<p class="token" id="token">([^<]+)</p>', response.text)
+    assert match, response.text
+    return match.group(1)
+
+
+def test_admin_manages_users(portal: Proxy, admin: httpx.Client, db, test_id: str):
+    user = f"cust-{test_id[:8]}"
+    assert create_user(admin, user, "starter", email=f"{user}@example.com").status_code == 200
+    assert db.billing.users.find_one({"_id": user})["plan"] == "starter"
+    assert create_user(admin, user).status_code == 409
+    page = admin.get("/portal/users").text
+    assert user in page and f"{user}@example.com" in page
+    token = csrf_of(page)
+    assert admin.post("/portal/users/plan", data={"csrf": token, "user": user,
+                                                  "plan": "pro"}).status_code == 303
+    assert db.billing.users.find_one({"_id": user})["plan"] == "pro"
+    assert admin.post("/portal/users/plan", data={"csrf": token, "user": user,
+                                                  "plan": "gold"}).status_code == 400
+    assert admin.post("/portal/users/status", data={"csrf": token, "user": user,
+                                                    "action": "block"}).status_code == 303
+    assert db.billing.users.find_one({"_id": user})["status"] == "blocked"
+    assert admin.post("/portal/users/status", data={"csrf": token, "user": user,
+                                                    "action": "unblock"}).status_code == 303
+    assert "status" not in db.billing.users.find_one({"_id": user})
+    assert "Starter" in admin.get("/portal/plans").text
+
+
+def test_key_is_shown_once_and_works(portal: Proxy, admin: httpx.Client, db, test_id: str):
+    user = f"keys-{test_id[:8]}"
+    create_user(admin, user, "free")
+    token = create_key(admin, user=user, name="laptop", expires_days="30")
+    stored = db.cgc.api_keys.find_one({"user_id": user})
+    assert stored["secret"] == hashlib.sha256(token.encode()).hexdigest()
+    assert stored["access_level"] == "COMPLETION" and stored["name"] == "laptop"
+    assert stored["date_expiry"] - stored["date_created"] == timedelta(days=30)
+    reply = openai_client(portal, token).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+    for path in ("/portal/keys", f"/portal/keys?user={user}", "/portal/users",
+                 "/portal/events", f"/portal/events?user={user}&format=csv"):
+        page = admin.get(path)
+        assert page.status_code == 200 and token not in page.text, path
+    assert str(stored["_id"]) in admin.get(f"/portal/keys?user={user}").text
+    assert token not in portal.log
+    csrf = csrf_of(admin.get("/portal/keys").text)
+    assert admin.post("/portal/keys/revoke", data={"csrf": csrf, "key_id": str(
+        stored["_id"])}).status_code == 303
+    assert db.cgc.api_keys.find_one({"_id": stored["_id"]})["date_expiry"] <= \
+        datetime.now(UTC)
+    refused = create_key_response(admin, user="no-such-user")
+    assert refused.status_code == 400
+
+
+def create_key_response(client: httpx.Client, **fields: str) -> httpx.Response:
+    token = csrf_of(client.get("/portal/keys").text)
+    return client.post("/portal/keys", data={"csrf": token, **fields})
+
+
+def test_events_filter_and_csv(portal: Proxy, admin: httpx.Client, make_key, db):
+    key = make_key()
+    openai_client(portal, key.token).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+    wait_for_events(db, key.user_id, 1)
+    page = admin.get(f"/portal/events?user={key.user_id}&model=gpt-4o-mini")
+    assert page.text.count(f"<td>{key.user_id}</td>") == 1
+    assert admin.get(f"/portal/events?user={key.user_id}&model=other").text.count(
+        f"<td>{key.user_id}</td>") == 0
+    exported = admin.get(f"/portal/events?user={key.user_id}&format=csv")
+    assert exported.headers["content-type"].startswith("text/csv")
+    rows = list(csv.reader(io.StringIO(exported.text)))
+    assert rows[0][:3] == ["date_created", "user_id", "model"] and len(rows) == 2
+    assert rows[1][1] == key.user_id
+
+
+def user_session(portal: Proxy, admin: httpx.Client, user: str) -> httpx.Client:
+    """A portal login for ``user`` (created by the admin), past its first password change."""
+    email, first, second = f"{user}@example.com", "first password 1", "second password 2"
+    assert create_user(admin, user, "free", email=email, password=first).status_code == 200
+    client = browser(portal)
+    assert log_in(client, email, first).headers["location"] == "/portal/password"
+    token = csrf_of(client.get("/portal/password").text)
+    assert client.post("/portal/password", data={"csrf": token, "current": first,
+                                                 "new": second, "confirm": second}
+                       ).headers["location"] == "/portal/me"
+    return client
+
+
+def test_user_sees_only_their_own_keys(portal: Proxy, admin: httpx.Client, db, test_id: str):
+    alice, bob = f"alice-{test_id[:6]}", f"bob-{test_id[:6]}"
+    as_alice, as_bob = user_session(portal, admin, alice), user_session(portal, admin, bob)
+    with contextlib.closing(as_alice), contextlib.closing(as_bob):
+        create_key(as_alice, name="alice key")
+        bob_token = create_key(as_bob, name="bob key")
+        bob_key = db.cgc.api_keys.find_one({"user_id": bob})
+        for path in ("/portal/keys", f"/portal/keys?user={bob}"):
+            page = as_alice.get(path).text
+            assert "alice key" in page and "bob key" not in page and str(bob_key["_id"]) \
+                not in page
+        for path in ("/portal/users", "/portal/events", "/portal/plans",
+                     f"/portal/events?user={bob}"):
+            assert as_alice.get(path).status_code == 403, path
+        token = csrf_of(as_alice.get("/portal/keys").text)
+        guessed = as_alice.post("/portal/keys/revoke", data={"csrf": token,
+                                                            "key_id": str(bob_key["_id"])})
+        assert guessed.status_code == 404
+        assert db.cgc.api_keys.find_one({"_id": bob_key["_id"]})["date_expiry"] is None
+        made = as_alice.post("/portal/keys", data={"csrf": token, "user": bob})
+        assert made.status_code == 201  # the user field is ignored: a key for alice
+        assert db.cgc.api_keys.count_documents({"user_id": bob}) == 1
+        assert bob_token not in as_bob.get("/portal/keys").text
