@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from bson import Decimal128
 from starlette.routing import Mount, Route
 
 from conftest import Proxy, openai_client, start_proxy, stop_proxy, wait_for_events, write_config
@@ -286,3 +287,56 @@ def test_user_sees_only_their_own_keys(portal: Proxy, admin: httpx.Client, db, t
         assert made.status_code == 201  # the user field is ignored: a key for alice
         assert db.cgc.api_keys.count_documents({"user_id": bob}) == 1
         assert bob_token not in as_bob.get("/portal/keys").text
+
+
+def test_usage_page_shows_billed_tokens(portal: Proxy, admin: httpx.Client, make_key, db):
+    key = make_key()
+    client = openai_client(portal, key.token)
+    for _ in range(2):
+        client.chat.completions.create(model="gpt-4o-mini",
+                                       messages=[{"role": "user", "content": "hello"}])
+    events = wait_for_events(db, key.user_id, 2)
+    billed = sum(e["tokens_billed"] for e in events)
+    prompt = sum(e["usage"]["prompt_tokens"] for e in events)
+    page = admin.get(f"/portal/usage?user={key.user_id}").text
+    assert f'<strong id="total-tokens">{billed:,}</strong>' in page
+    assert '<svg id="chart-days"' in page and '<svg id="chart-models"' in page
+    assert f"gpt-4o-mini: {billed:,}" in page  # the model bar's value
+    day = events[0]["date_created"].strftime("%Y-%m-%d")
+    assert f"{day} prompt: {prompt:,}" in page  # the day's bar
+    exported = admin.get(f"/portal/usage?user={key.user_id}&format=csv")
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert [(r["day"], r["model"], int(r["requests"]), int(r["tokens_billed"]))
+            for r in rows] == [(day, "gpt-4o-mini", 2, billed)]
+
+
+def test_user_cannot_see_another_users_usage(portal: Proxy, admin: httpx.Client, db,
+                                             test_id: str):
+    carol, dave = f"carol-{test_id[:6]}", f"dave-{test_id[:6]}"
+    as_carol, as_dave = user_session(portal, admin, carol), user_session(portal, admin, dave)
+    with contextlib.closing(as_carol), contextlib.closing(as_dave):
+        dave_token = create_key(as_dave)
+        openai_client(portal, dave_token).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "secret plans"}])
+        events = wait_for_events(db, dave, 1)
+        billed = f'<strong id="total-tokens">{events[0]["tokens_billed"]:,}</strong>'
+        assert billed in as_dave.get("/portal/usage").text
+        for path in (f"/portal/usage?user={dave}", f"/portal/usage?user={dave}&format=csv"):
+            page = as_carol.get(path).text
+            assert billed not in page and "gpt-4o-mini" not in page, path
+        assert '<strong id="total-tokens">0</strong>' in as_carol.get(
+            f"/portal/usage?user={dave}").text
+
+
+def test_usage_reads_daily_rollups_when_present(portal: Proxy, admin: httpx.Client, db,
+                                                test_id: str):
+    user = f"rolled-{test_id[:8]}"
+    db.billing.usage_daily.insert_one({
+        "_id": f"{user}:2020-02-29:<b>model</b>", "user_id": user, "day": "2020-02-29",
+        "model": "<b>model</b>", "requests": 3, "tokens_billed": 1234,
+        "tokens": {"prompt_tokens": 1000, "completion_tokens": 234},
+        "cost": Decimal128("0.5")})
+    page = admin.get(f"/portal/usage?user={user}&month=2020-02").text
+    assert "from daily rollups" in page and '<strong id="total-tokens">1,234</strong>' in page
+    assert "<b>model</b>" not in page and "&lt;b&gt;model&lt;/b&gt;" in page  # escaped
+    assert page.count("<rect") >= 3  # a stacked bar (two classes) and a model bar

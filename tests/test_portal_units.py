@@ -109,3 +109,12 @@ def test_password_rules():
     assert accounts.password_problem(accounts.DEFAULT_ADMIN_PASSWORD, "a@b.c")
     assert accounts.password_problem("a@example.com", "A@example.com")
     assert accounts.password_problem("a long enough one", "a@b.c") is None
+
+
+def test_chart_axis_and_escaping():
+    from llm_billing.web.portal.charts import horizontal_bars, nice_max, stacked_bars
+    assert [nice_max(v) for v in (0, 1, 3, 7, 11, 999, 1001)] == [1, 1, 5, 10, 20, 1000, 2000]
+    svg = stacked_bars("t", ["2026-01-01", "2026-01-02"], {"a<": [1, 0], "b": [2, 5]})
+    assert svg.count("<rect") == 3 + 2  # three bars, two legend squares
+    assert "a<" not in svg and "a&lt;" in svg
+    assert "no usage" in horizontal_bars("t", [])

@@ -25,6 +25,7 @@ from . import accounts
 from .admin import AdminPages
 from .auth import AuthPages, home_of
 from .session import Sessions, current_account, session_secret
+from .usage import UsagePages
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Portal:
         self.settings = settings
         self.auth = AuthPages(database, settings)
         self.admin = AdminPages(database, settings)
+        self.usage = UsagePages(database, settings)
         self._sessions: Sessions | None = None
         self._admin_task: asyncio.Task | None = None
 
@@ -86,5 +88,6 @@ class Portal:
             Route("/users/status", self.admin.set_status, methods=["POST"]),
             Route("/plans", self.admin.plans),
             Route("/events", self.admin.events),
+            Route("/usage", self.usage.usage),
             Mount("/static", StaticFiles(directory=STATIC)),
         ]
