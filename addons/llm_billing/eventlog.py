@@ -8,6 +8,12 @@ if the proxy died in between. One background task writes the queue in batches wi
 Every event's ``_id`` was fixed when its request started, so a retried batch — or a
 journal replayed after a crash — can never bill twice: a duplicate-key error means that
 event is already stored.
+
+After each batch, the completion events it newly stored (never the duplicates: those were
+counted when first stored) are added to the daily rollups in ``billing.usage_daily``
+(core/rollups.py), for charts. Rollups are at most once: a crash between the insert and
+the rollup update, or a rollup update whose reply was lost, leaves that batch out of
+them. They may undercount, never double count, and are never used for billing.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ from typing import Any
 
 import bson
 from mitmproxy import ctx, http
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo import UpdateOne
+from pymongo.errors import BulkWriteError, PyMongoError, ServerSelectionTimeoutError
 
 from . import context
 from .core.events import completion_event, failure_event, intent_event
 from .core.outcome import Outcome
+from .core.rollups import daily_updates
 from .settings import Settings
 from .storage.database import Database
 from .storage.journal import Journal, Segment, append_lines
@@ -36,6 +44,7 @@ logger = logging.getLogger(__name__)
 DUPLICATE_KEY = 11000
 COMPLETIONS = "events_completion"
 FAILED = "events_failed"
+ROLLUPS = "usage_daily"
 INTENT = "intent"  # journal only: a request's provisional event
 DEAD_LETTER_FILE = "rejected-events.jsonl"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's limit
@@ -176,20 +185,26 @@ class EventLog:
                 storable.append(doc)
         if rejected:
             self._dead_letter(collection, rejected)
-        await self._insert(storable, collection)
+        inserted = await self._insert(storable, collection)
+        if collection == COMPLETIONS and inserted:
+            await self._roll_up(inserted)
 
-    async def _insert(self, batch: list[dict[str, Any]], collection: str) -> None:
+    async def _insert(self, batch: list[dict[str, Any]], collection: str) -> list[dict[str, Any]]:
+        """The documents of ``batch`` this call stored (not those stored before)."""
         delay = 0.1
         pending = batch
+        inserted: list[dict[str, Any]] = []
         while pending:
             try:
                 client = await self.database.client()
                 await client.billing[collection].insert_many(pending, ordered=False)
                 self.written += len(pending)
-                return
+                return inserted + pending
             except BulkWriteError as e:
                 retry, rejected = split_bulk_error(pending, e)
                 self.written += e.details.get("nInserted", 0)
+                failed = {error["index"] for error in e.details.get("writeErrors", [])}
+                inserted += [doc for index, doc in enumerate(pending) if index not in failed]
                 if rejected:
                     self._dead_letter(collection, rejected)
                 pending = retry
@@ -199,13 +214,44 @@ class EventLog:
             except Exception:  # refused by the driver: find the one to set aside, store the rest
                 if len(pending) > 1:
                     half = len(pending) // 2
-                    await self._insert(pending[:half], collection)
-                    await self._insert(pending[half:], collection)
-                    return
+                    inserted += await self._insert(pending[:half], collection)
+                    inserted += await self._insert(pending[half:], collection)
+                    return inserted
                 logger.exception("An event could not be written")
                 self._dead_letter(collection, pending)
-                return
+                return inserted
             if pending:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        return inserted
+
+    async def _roll_up(self, events: list[dict[str, Any]]) -> None:
+        """Add newly stored events to ``billing.usage_daily``. Retried only when the update
+        surely was not applied (no server reachable, or the ops the server refused);
+        otherwise dropped: see the module doc."""
+        ops = [UpdateOne({"_id": _id}, update, upsert=True)
+               for _id, update in daily_updates(events)]
+        delay = 0.1
+        while ops:
+            try:
+                client = await self.database.client()
+                await client.billing[ROLLUPS].bulk_write(ops, ordered=False)
+                return
+            except BulkWriteError as e:
+                errors = e.details.get("writeErrors", [])
+                # Two writers upserting one new day at once: the loser is retried.
+                again = {error["index"] for error in errors if error.get("code") == DUPLICATE_KEY}
+                if len(again) < len(errors):
+                    logger.warning(f"Daily usage rollup: {len(errors) - len(again)} updates "
+                                   "refused; charts may undercount")
+                ops = [op for index, op in enumerate(ops) if index in again]
+            except ServerSelectionTimeoutError:
+                pass
+            except PyMongoError as e:
+                logger.warning(f"Daily usage rollup of {len(events)} events skipped "
+                               f"({type(e).__name__}); charts may undercount")
+                return
+            if ops:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
