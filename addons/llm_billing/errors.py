@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 from mitmproxy import http
 
@@ -33,10 +34,23 @@ def error_body(error_format: str, status: int, message: str, code: str | None = 
     return json.dumps(body).encode()
 
 
+# The code of each response the proxy made itself, whatever its format (the metrics'
+# refusal reasons); nothing is added to the response.
+_codes: weakref.WeakKeyDictionary[http.Response, str] = weakref.WeakKeyDictionary()
+
+
 def error_response(
     error_format: str, status: int, message: str, code: str | None = None
 ) -> http.Response:
-    return http.Response.make(
+    response = http.Response.make(
         status, error_body(error_format, status, message, code),
         {"content-type": "application/json"},
     )
+    if code:
+        _codes[response] = code
+    return response
+
+
+def code_of(response: http.Response) -> str | None:
+    """The code ``error_response`` made ``response`` with; None for any other response."""
+    return _codes.get(response)

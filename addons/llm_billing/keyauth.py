@@ -189,6 +189,10 @@ class KeyAuth:
             return
         context.restore(flow, route, backend)
 
+    def cache_counts(self) -> tuple[int, int]:
+        """Key lookups served from the cache, and those that waited for the database."""
+        return self._cache.hits, self._cache.misses
+
     async def lookup(self, secret_hash: str) -> Caller | None:
         """The key's caller, or None when unknown or expired."""
         record = await self._cache.get(secret_hash)

@@ -81,16 +81,22 @@ def completion_event(ctx: RequestContext, result: Outcome, prices: PriceTable,
         doc["metering"] = {"expression": ctx.route.metering.source, "value": result.metered}
         if result.metering_error:
             doc["metering"]["error"] = result.metering_error
-    price = prices.price_for(ctx.model)
-    if price is not None:
-        cost = None
-        if ctx.route.metering is not None and result.metered is not None:
-            cost = price.unit_cost(Decimal(str(result.metered)))
-        if cost is None:
-            cost = price.cost(usage)
+    price, cost = prices.price_for(ctx.model), event_cost(ctx, result, prices)
+    if price is not None and cost is not None:
         doc |= {"cost": Decimal128(cost), "currency": prices.currency,
                 "price": price.as_document(), "price_version": prices.version}
     return doc
+
+
+def event_cost(ctx: RequestContext, result: Outcome, prices: PriceTable) -> Decimal | None:
+    """What a billed request costs in ``prices.currency``; None when its model has no price."""
+    price = prices.price_for(ctx.model)
+    if price is None or result.usage is None:
+        return None
+    cost = None
+    if ctx.route.metering is not None and result.metered is not None:
+        cost = price.unit_cost(Decimal(str(result.metered)))
+    return price.cost(result.usage) if cost is None else cost
 
 
 def failure_event(ctx: RequestContext, result: Outcome,

@@ -52,6 +52,7 @@ class RequestContext:
     meter: StreamMeter | None = None
     outcome: Outcome | None = None  # set once, by the Settle addon
     sending: bool = False  # request hook done, response headers not yet in
+    sent_upstream: float = 0.0  # time.time() when it went upstream (metrics)
     # Non-streamed: if the client leaves once the request went upstream, the answer is still
     # read and billed (finish_upstream.py); no ``error`` fires for the client's leaving.
     finish_upstream: bool = False

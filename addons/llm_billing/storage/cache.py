@@ -48,12 +48,15 @@ class RefreshingCache[K, V]:
         self._max_hits, self._max_misses = max_entries, max_misses
         self._inflight: dict[K, asyncio.Future[_Entry[V]]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.hits = self.misses = 0  # gets served from the cache / that waited for a load
 
     async def get(self, key: K) -> V:
         entry = self._touch(key)
         if entry is None or self._too_old(entry):
-            entry = await self._fetch_once(key)
-        elif entry.fresh_until < time.monotonic() and not entry.refreshing:
+            self.misses += 1
+            return (await self._fetch_once(key)).value
+        self.hits += 1
+        if entry.fresh_until < time.monotonic() and not entry.refreshing:
             entry.refreshing = True
             task = asyncio.create_task(self._refresh(key, entry))
             self._tasks.add(task)  # held until done, or it may be collected mid-run

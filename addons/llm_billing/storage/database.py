@@ -18,6 +18,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure
 
 from .embedded_db import DEFAULT_PORT, start_embedded_db
+from .monitor import DatabaseMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class Database:
         self._ready = asyncio.Event()
         self._embedded: subprocess.Popen | None = None
         self._failure: str | None = None
+        self.monitor = DatabaseMonitor()  # failures the driver saw (the metrics)
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -55,7 +57,8 @@ class Database:
                     start_embedded_db, data_dir, ctx.options.embedded_db_port
                 )
                 logger.info(f"Embedded MongoDB (mongoeco) on {uri}, data in {data_dir}/")
-            self._client = AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5000)
+            self._client = AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5000,
+                                            event_listeners=[self.monitor])
         except Exception as e:  # requests get 503s instead of waiting forever
             self._failure = f"database unavailable: {e}"
             logger.error(f"Cannot start the database: {e}")
