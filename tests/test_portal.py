@@ -17,22 +17,41 @@ import httpx
 import pytest
 from bson import Decimal128
 from starlette.routing import Mount, Route
+from stripe_double import StripeDouble
 
-from conftest import Proxy, openai_client, start_proxy, stop_proxy, wait_for_events, write_config
+from conftest import (
+    Proxy,
+    openai_client,
+    start_proxy,
+    stop_proxy,
+    wait_for_events,
+    wait_for_usage,
+    write_config,
+)
 from fake_upstream import FakeUpstream
 from llm_billing.web.portal import Portal
 from llm_billing.web.portal.accounts import DEFAULT_ADMIN_EMAIL, DEFAULT_ADMIN_PASSWORD
 
 NEW_ADMIN_PASSWORD = "correct horse battery staple"
+STRIPE_ENV = {"STRIPE_SECRET_KEY": "sk_test_" + "p" * 24, "STRIPE_WEBHOOK_SECRET": "whsec_portal"}
 
 
 @pytest.fixture(scope="module")
-def portal(tmp_path_factory, mongo_uri: str, db, upstream: FakeUpstream) -> Iterator[Proxy]:
-    """A fresh install: no portal account yet."""
+def stripe_double() -> Iterator[StripeDouble]:
+    double = StripeDouble().start()
+    yield double
+    double.stop()
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory, mongo_uri: str, db, upstream: FakeUpstream,
+           stripe_double: StripeDouble) -> Iterator[Proxy]:
+    """A fresh install (no portal account yet), sign-up open, Stripe at the double."""
     db.billing.portal_accounts.delete_many({})
     tmp = tmp_path_factory.mktemp("portal")
-    config = write_config(tmp / "config.toml", upstream.url, "http://127.0.0.1:9")
-    proxy = start_proxy(tmp, mongo_uri, config, "--set", "portal_signup=true")
+    config = write_config(tmp / "config.toml", upstream.url, "http://127.0.0.1:9",
+                          f'[stripe]\napi_base = "{stripe_double.url}"\n')
+    proxy = start_proxy(tmp, mongo_uri, config, "--set", "portal_signup=true", env=STRIPE_ENV)
     yield proxy
     stop_proxy(proxy)
 
@@ -340,3 +359,44 @@ def test_usage_reads_daily_rollups_when_present(portal: Proxy, admin: httpx.Clie
     assert "from daily rollups" in page and '<strong id="total-tokens">1,234</strong>' in page
     assert "<b>model</b>" not in page and "&lt;b&gt;model&lt;/b&gt;" in page  # escaped
     assert page.count("<rect") >= 3  # a stacked bar (two classes) and a model bar
+
+
+def test_sign_up_see_quota_and_upgrade(portal: Proxy, admin: httpx.Client, db, test_id: str,
+                                       stripe_double: StripeDouble):
+    email, password = f"new-{test_id[:8]}@example.com", "my own password 1"
+    with browser(portal) as client:
+        token = csrf_of(client.get("/portal/signup").text)
+        response = client.post("/portal/signup", data={
+            "csrf": token, "email": email, "password": password, "confirm": password})
+        assert (response.status_code, response.headers["location"]) == (303, "/portal/me")
+        assert db.billing.users.find_one({"_id": email})["plan"] == "enterprise"  # default_plan
+        with browser(portal) as other:
+            token = csrf_of(other.get("/portal/signup").text)
+            again = other.post("/portal/signup", data={
+                "csrf": token, "email": email.upper(), "password": password,
+                "confirm": password})
+            assert again.status_code == 400  # one account per email
+        csrf = csrf_of(admin.get("/portal/users").text)
+        admin.post("/portal/users/plan", data={"csrf": csrf, "user": email, "plan": "free"})
+        key = create_key(client, name="mine")
+        openai_client(portal, key).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        used = wait_for_usage(db, email, 1)["tokens"]
+        page = client.get("/portal/me").text
+        assert f'<strong id="tokens-used">{used:,}</strong>' in page
+        assert f'<strong id="tokens-left">{10_000 - used:,}</strong>' in page
+        assert "1,000 tokens per minute" in page
+        upgrade = client.post("/portal/upgrade", data={"csrf": csrf_of(page), "plan": "starter"})
+        assert upgrade.status_code == 303
+        assert upgrade.headers["location"].startswith("https://checkout.stripe.com/c/pay/cs_test_")
+        call = stripe_double.calls("/v1/checkout/sessions")[-1].params
+        assert call["client_reference_id"] == email and call["customer_email"] == email
+        assert call["line_items"]["0"]["price"] == "price_starter_llmgateway"
+        assert client.post("/portal/upgrade", data={"csrf": csrf_of(page), "plan": "free"}
+                           ).status_code == 400
+        assert client.get("/portal/users").status_code == 403
+
+
+def test_sign_up_is_off_by_default(proxy: Proxy):
+    assert httpx.get(f"{proxy.url}/portal/signup").status_code == 404
+    assert "Sign up" not in httpx.get(f"{proxy.url}/portal/login").text

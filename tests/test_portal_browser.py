@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, sync_playwright
+from stripe_double import StripeDouble
+from test_portal import STRIPE_ENV
 
 from conftest import Proxy, openai_client, start_proxy, stop_proxy, wait_for_events, write_config
 from fake_upstream import FakeUpstream
@@ -26,11 +28,20 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/
 
 
 @pytest.fixture(scope="module")
-def portal(tmp_path_factory, mongo_uri: str, db, upstream: FakeUpstream) -> Iterator[Proxy]:
+def stripe_double() -> Iterator[StripeDouble]:
+    double = StripeDouble().start()
+    yield double
+    double.stop()
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory, mongo_uri: str, db, upstream: FakeUpstream,
+           stripe_double: StripeDouble) -> Iterator[Proxy]:
     db.billing.portal_accounts.delete_many({})  # a fresh install
     tmp = tmp_path_factory.mktemp("portal-browser")
-    config = write_config(tmp / "config.toml", upstream.url, "http://127.0.0.1:9")
-    proxy = start_proxy(tmp, mongo_uri, config)
+    config = write_config(tmp / "config.toml", upstream.url, "http://127.0.0.1:9",
+                          f'[stripe]\napi_base = "{stripe_double.url}"\n')
+    proxy = start_proxy(tmp, mongo_uri, config, "--set", "portal_signup=true", env=STRIPE_ENV)
     yield proxy
     stop_proxy(proxy)
 
@@ -114,3 +125,29 @@ def test_admin_creates_a_key_and_sees_its_usage(portal: Proxy, page: Page, db, t
         shot(f"07-{name}")
     assert token not in portal.log
     assert len(list(tmp_path.glob("*.png"))) == 8
+
+
+def test_user_signs_up_and_upgrades(portal: Proxy, page: Page, db, tmp_path: Path,
+                                    stripe_double: StripeDouble, test_id: str):
+    shot = Screenshots(page, tmp_path)
+    email, password = f"dev-{test_id[:6]}@example.com", "a password of mine"
+    page.goto(f"{portal.url}/portal/login")
+    page.click("text=Sign up")
+    page.fill("input[name=email]", email)
+    page.fill("input[name=password]", password)
+    page.fill("input[name=confirm]", password)
+    shot("08-signup")
+    page.click("text=Create account")
+    page.wait_for_url("**/portal/me")
+    db.billing.users.update_one({"_id": email}, {"$set": {"plan": "free"}})
+    page.reload()
+    assert page.inner_text("#tokens-left") == "10,000"
+    shot("09-my-plan")
+    # Stripe's hosted page is not reachable offline: the browser gets a stand-in
+    page.route("https://checkout.stripe.com/**", lambda route: route.fulfill(
+        body="<h1>Stripe Checkout (stand-in)</h1>", content_type="text/html"))
+    page.click("#upgrade-starter")
+    page.wait_for_url("https://checkout.stripe.com/c/pay/cs_test_*")
+    call = stripe_double.calls("/v1/checkout/sessions")[-1].params
+    assert call["client_reference_id"] == email
+    assert call["line_items"]["0"]["price"] == "price_starter_llmgateway"

@@ -24,6 +24,7 @@ from ...storage.database import Database
 from . import accounts
 from .admin import AdminPages
 from .auth import AuthPages, home_of
+from .selfservice import SelfService
 from .session import Sessions, current_account, session_secret
 from .usage import UsagePages
 
@@ -39,6 +40,7 @@ class Portal:
         self.auth = AuthPages(database, settings)
         self.admin = AdminPages(database, settings)
         self.usage = UsagePages(database, settings)
+        self.self_service = SelfService(database, settings)
         self._sessions: Sessions | None = None
         self._admin_task: asyncio.Task | None = None
 
@@ -89,5 +91,8 @@ class Portal:
             Route("/plans", self.admin.plans),
             Route("/events", self.admin.events),
             Route("/usage", self.usage.usage),
+            Route("/me", self.self_service.me),
+            Route("/upgrade", self.self_service.upgrade, methods=["POST"]),
+            Route("/billing", self.self_service.billing_portal, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC)),
         ]

@@ -32,8 +32,10 @@ SESSION_SECRET_FILE = "portal_session_secret"
 COOKIE = "portal_session"
 MAX_AGE = 12 * 3600
 SECURITY_HEADERS = [
+    # form-action: Upgrade and billing forms redirect to Stripe's hosted pages
     (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; "
-                                 b"frame-ancestors 'none'; form-action 'self'"),
+                                 b"frame-ancestors 'none'; form-action 'self' "
+                                 b"https://checkout.stripe.com https://billing.stripe.com"),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
