@@ -13,6 +13,7 @@ from llm_billing.finish_upstream import FinishUpstream
 from llm_billing.keyauth import KeyAuth
 from llm_billing.limits import Limits
 from llm_billing.meter import Meter
+from llm_billing.quota_alerts import QuotaAlerts
 from llm_billing.router import Router
 from llm_billing.settings import Settings
 from llm_billing.settle import Settle
@@ -62,5 +63,6 @@ addons = [
     metrics,  # after the limits and the event log: times the send upstream
     Settle(limits, event_log, metrics),  # the one step that ends a request; feeds them in order
     StripeReporter(database, settings),
+    QuotaAlerts(database, settings),  # 80 % / 100 % of the monthly quota, to [alerts] url
     database,  # last, so it closes after the event log has flushed
 ]

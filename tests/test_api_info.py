@@ -135,3 +135,32 @@ def test_usage_equals_the_sum_of_the_users_events(proxy: Proxy, make_key, db):
     assert usage["tpm"]["limit"] == 10_000 and 0 < usage["tpm"]["remaining"] <= 10_000
     doc = wait_for_usage(db, key.user_id, tokens)
     assert get_usage(proxy, key.token)["tokens"] == doc["tokens"] == tokens  # once written
+
+
+def test_completions_carry_the_monthly_allowance_left(proxy: Proxy, make_key, db):
+    blocking, overage, unlimited = make_key(), make_key(), make_key()
+    set_plan(db, blocking.user_id, "quota-test", tokens_used=1000)  # 5,000 a month, blocks
+    raw = openai_client(proxy, blocking.token).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=20)
+    billed = raw.parse().usage.total_tokens
+    assert raw.headers["x-ratelimit-limit-quota-tokens"] == "5000"
+    left = int(raw.headers["x-ratelimit-remaining-quota-tokens"])
+    # what this request holds while it runs (prompt bound + its 20) is not left
+    assert 4000 - 20 - 200 < left <= 4000 - billed
+    wait_for_usage(db, blocking.user_id, 1000 + billed)
+    assert get_usage(proxy, blocking.token)["quota_left"] == 4000 - billed
+
+    set_plan(db, overage.user_id, "starter", tokens_used=60_000)  # overage: never leases
+    client = openai_client(proxy, overage.token)
+    first = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=20)
+    assert raw.headers["x-ratelimit-limit-quota-tokens"] == "100000"
+    left = int(raw.headers["x-ratelimit-remaining-quota-tokens"])
+    assert 40_000 - first.usage.total_tokens - 20 - 200 < left \
+        <= 40_000 - first.usage.total_tokens - raw.parse().usage.total_tokens
+    assert raw.headers["x-ratelimit-limit-tokens"] == "10000"  # beside the TPM headers
+
+    raw = openai_client(proxy, unlimited.token).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES)  # the default plan here: enterprise
+    assert "x-ratelimit-remaining-quota-tokens" not in raw.headers

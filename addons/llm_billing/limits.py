@@ -28,6 +28,7 @@ from pymongo.errors import PyMongoError
 
 from . import context
 from .core.admission import Need, need_of, set_output_limit
+from .core.api_info import quota_left
 from .core.dates import month_of, openai_duration, seconds_to_next_month
 from .core.events import tokens_billed
 from .core.outcome import Outcome
@@ -57,6 +58,7 @@ class Limits:
         self.ledger = QuotaLedger(database, uuid.uuid4().hex[:12])
         self.buckets: dict[Any, TokenBucket] = {}
         self._flusher: asyncio.Task | None = None
+        self._reading: dict[str, asyncio.Task] = {}  # accounts whose used tokens are read
 
     def load(self, loader) -> None:
         loader.add_option("limits", bool, True, "Enforce plan quotas and tokens per minute.")
@@ -116,6 +118,8 @@ class Limits:
                 return
             bucket.take(rate(output), now_mono)  # before any await: see module doc
         account = self.ledger.account(rc.caller.user_id, month_of(now), plan)
+        if plan.monthly_tokens and not plan.blocks_at_quota and not account.used_read:
+            self._read_used(account)  # for the quota headers; a lease reads it otherwise
         least = need.prompt_bound + min(output, need.least_output)
         try:
             held = await self.ledger.reserve(account, need.prompt_bound + output, least)
@@ -164,6 +168,20 @@ class Limits:
         # but as its first by some servers.
         flow.request.content = dump_json(body)
 
+    def _read_used(self, account: Account) -> None:
+        """Read the account's used tokens in the background, once at a time."""
+        if account.key not in self._reading:
+            task = asyncio.create_task(self._read(account))
+            self._reading[account.key] = task
+
+    async def _read(self, account: Account) -> None:
+        try:
+            await self.ledger.read_used(account)
+        except PyMongoError as e:  # the next request tries again
+            logger.warning(f"Reading used tokens of {account.key} failed: {type(e).__name__}")
+        finally:
+            self._reading.pop(account.key, None)
+
     def _undo(self, account: Account, bucket: TokenBucket | None, tokens: int) -> None:
         self.ledger.release(account)
         if bucket is not None:
@@ -195,9 +213,10 @@ class Limits:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rc = context.of(flow)
-        if rc is not None and isinstance(rc.hold, Hold) and rc.hold.bucket is not None \
-                and flow.response is not None:
-            _rate_headers(flow.response, rc.hold.bucket, time.monotonic())
+        if rc is not None and isinstance(rc.hold, Hold) and flow.response is not None:
+            if rc.hold.bucket is not None:
+                _rate_headers(flow.response, rc.hold.bucket, time.monotonic())
+            _quota_headers(flow.response, rc.hold.account)
 
     def settled(self, rc: context.RequestContext, outcome: Outcome) -> None:
         """The flow ended (see settle.py): its hold becomes what it was billed."""
@@ -209,6 +228,16 @@ class Limits:
         rc.ledger = {**(rc.ledger or {}), "write": write}  # on its event: see ledger.recover
         if hold.bucket is not None:
             hold.bucket.adjust(used - hold.bucket_tokens, time.monotonic())
+
+
+def _quota_headers(response: http.Response, account: Account) -> None:
+    """The month's allowance left, once the account's used tokens are known: what the
+    database holds, what this instance settled but has not written, and what requests in
+    flight (this one included) hold."""
+    left = quota_left(account.plan, account.used + account.unflushed, account.reserved)
+    if left is not None and account.used_read:
+        response.headers["x-ratelimit-limit-quota-tokens"] = str(account.plan.monthly_tokens)
+        response.headers["x-ratelimit-remaining-quota-tokens"] = str(left)
 
 
 def _rate_headers(response: http.Response, bucket: TokenBucket, now: float) -> None:

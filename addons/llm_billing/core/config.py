@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from .alerts import SECRET_ENV, AlertSettings, parse_alerts
 from .expression import Expression, ExpressionError, compile_expression
 from .plans import Plan, parse_plans
 from .prices import EMPTY, PriceTable, parse_prices, unpriced_models
@@ -105,6 +106,7 @@ class Config:
     plans: Mapping[str, Plan] = field(default_factory=lambda: parse_plans(None))
     reserve_output_tokens: int = 256  # held for a request that sets no output limit
     stripe: StripeSettings = field(default_factory=lambda: parse_stripe(None, {}))
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def plan(self, plan_id: str | None) -> Plan:
         """The plan of that id, else the default plan."""
@@ -147,6 +149,7 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
         prices = parse_prices(data.get("prices"))
         plans = parse_plans(data.get("plans"))
         stripe = parse_stripe(data.get("stripe"), env)
+        alerts = parse_alerts(data.get("alerts"), env)
     except ConfigValueError as e:
         raise ConfigError(str(e)) from None
     if stripe.fallback_plan not in plans:
@@ -160,8 +163,10 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
                                    "proxy.reserve_output_tokens")
     except ConfigValueError as e:
         raise ConfigError(str(e)) from None
+    if alerts.url and not alerts.secret:
+        warnings.append(f"alerts.url is set but {SECRET_ENV} is not: quota alerts are off")
     return Config(backends, routes, default_plan, tuple(warnings), prices, plans, reserve,
-                  stripe)
+                  stripe, alerts)
 
 
 def _price_warnings(backends: tuple[Backend, ...], prices: PriceTable) -> list[str]:

@@ -74,6 +74,7 @@ class Account:
     lease: int = 0  # granted to this instance (equals its lease in the database)
     reserved: int = 0  # held by requests in flight
     used: int = 0  # the month's tokens in the database, as last read
+    used_read: bool = False  # ``used`` was read (or written) at least once, not a default
     holds: int = 0  # requests between ``account()`` and ``settle``/``release``
     unflushed: int = 0  # settled tokens not yet written (pending write included)
     unflushed_usage: dict[str, int] = field(default_factory=dict)
@@ -165,6 +166,20 @@ class QuotaLedger:
         unwritten = account.unflushed - (account.pending.tokens if account.pending else 0)
         return account.plan.monthly_tokens - account.used - unwritten < tokens
 
+    async def read_used(self, account: Account) -> None:
+        """Read the month's tokens for an account nothing has read yet (a plan that never
+        takes a lease): the quota left that responses show. A lease or write that read
+        them meanwhile is as new, and wins."""
+        doc = await (await self._collection()).find_one(
+            {"_id": account.key}, {"tokens": 1, "writes": 1}) or {}
+        if account.used_read:
+            return
+        used, pending = doc.get("tokens", 0), account.pending
+        if pending is not None and doc.get("writes", {}).get(self.instance, 0) >= \
+                pending.sequence:
+            used -= pending.tokens  # applied, its reply not seen yet: still in unflushed
+        account.used, account.used_read = used, True
+
     async def _collection(self):
         return (await self.database.client()).billing.usage
 
@@ -176,7 +191,7 @@ class QuotaLedger:
         usage = await self._collection()
         for _ in range(CAS_ATTEMPTS):
             doc = await usage.find_one({"_id": account.key}) or {}
-            account.used = doc.get("tokens", 0)
+            account.used, account.used_read = doc.get("tokens", 0), True
             now = datetime.now(UTC)
             leased_elsewhere = sum(
                 max(0, lease.get("amount", 0))
@@ -256,6 +271,7 @@ class QuotaLedger:
         for _ in range(CAS_ATTEMPTS):
             doc = await usage.find_one({"_id": account.key}) or {}
             if doc.get("writes", {}).get(self.instance, 0) >= write.sequence:
+                used = doc.get("tokens", 0)
                 break  # applied already: the reply of an earlier attempt was lost
             update = self._update(account, plan, write, before=doc.get("tokens", 0))
             version = doc.get("version", {"$exists": False})
@@ -265,9 +281,11 @@ class QuotaLedger:
             except DuplicateKeyError:
                 continue
             if result.matched_count or result.upserted_id is not None:
+                used = doc.get("tokens", 0) + write.tokens
                 break
         else:
             raise UsageContention(f"usage write for {account.key}: too much contention")
+        account.used, account.used_read = used, True  # what the quota headers show
         account.pending = None
         account.unflushed -= write.tokens
         account.unflushed_requests -= write.requests

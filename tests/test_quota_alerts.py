@@ -1,0 +1,122 @@
+"""Quota alerts through a real mitmdump: signed POSTs at 80 % and 100 % of the monthly
+quota, once each, retried when the receiver fails, never resent by a restart."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    Proxy,
+    free_port,
+    openai_client,
+    set_plan,
+    start_proxy,
+    stop_proxy,
+    wait_for_usage,
+    write_config,
+)
+from fake_upstream import FakeUpstream
+
+SECRET = "alert-secret-" + "s" * 20
+
+
+class Receiver:
+    """A local alert endpoint that verifies every signature; it may fail the first POSTs."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.posts: list[tuple[int, dict]] = []  # (status answered, body)
+        self.fail_left = fail_first
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers["content-length"]))
+                expected = "sha256=" + hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
+                body = json.loads(raw)
+                signed = hmac.compare_digest(self.headers["x-signature"], expected) and \
+                    self.headers["x-signature-timestamp"] == str(body["sent_at"])
+                with receiver.lock:
+                    status = 401 if not signed else 500 if receiver.fail_left else 204
+                    receiver.fail_left -= status == 500
+                    receiver.posts.append((status, body))
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def accepted(self, user_id: str) -> list[int]:
+        with self.lock:
+            return [b["threshold"] for s, b in self.posts if s == 204 and b["user_id"] == user_id]
+
+    def wait_for(self, user_id: str, count: int, timeout: float = 20.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while len(self.accepted(user_id)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.accepted(user_id)
+
+
+@pytest.fixture
+def receiver():
+    fake = Receiver(fail_first=1)
+    yield fake
+    fake.server.shutdown()
+
+
+def alerting_proxy(tmp: Path, mongo_uri: str, upstream: FakeUpstream, url: str) -> Proxy:
+    config = write_config(tmp / "config.toml", upstream.url,
+                          f"http://127.0.0.1:{free_port()}", f'[alerts]\nurl = "{url}"\n')
+    return start_proxy(tmp, mongo_uri, config, "--set", "alert_interval_ms=100",
+                       env={"LLM_BILLING_ALERT_SECRET": SECRET})
+
+
+def month() -> str:
+    return datetime.now(UTC).strftime("%Y-%m")
+
+
+def test_80_then_100_percent_alerts_once_each(tmp_path, mongo_uri: str, upstream: FakeUpstream,
+                                              make_key, db, receiver: Receiver):
+    key, later = make_key(), make_key()
+    set_plan(db, key.user_id, "quota-test", tokens_used=3990)  # 5,000 a month: 79.8 %
+    proxy = alerting_proxy(tmp_path, mongo_uri, upstream, receiver.url)
+    try:
+        reply = openai_client(proxy, key.token).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], max_tokens=20)
+        wait_for_usage(db, key.user_id, 3990 + reply.usage.total_tokens)  # now past 80 %
+        assert receiver.wait_for(key.user_id, 1) == [80]
+        # the first POST was answered 500 and retried (backoff: 2 s)
+        assert [(s, b["threshold"]) for s, b in receiver.posts] == [(500, 80), (204, 80)]
+        first = receiver.posts[-1][1]
+        assert first["id"] == f"{key.user_id}:{month()}:80" and first["monthly_tokens"] == 5000
+        assert first["plan"] == "quota-test" and first["tokens"] >= 4000
+        db.billing.usage.update_one({"_id": f"{key.user_id}:{month()}"},
+                                    {"$set": {"tokens": 5000}})  # the rest of the month used
+        assert receiver.wait_for(key.user_id, 2) == [80, 100]
+    finally:
+        stop_proxy(proxy)
+    proxy = alerting_proxy(tmp_path, mongo_uri, upstream, receiver.url)  # a restart
+    try:
+        set_plan(db, later.user_id, "quota-test", tokens_used=4000)
+        assert receiver.wait_for(later.user_id, 1) == [80]  # a round ran after the restart
+        time.sleep(0.3)  # and a few more
+        assert receiver.accepted(key.user_id) == [80, 100]  # nothing resent
+        assert len(receiver.posts) == 4
+        outbox = db.billing.alert_outbox.find_one({"_id": f"{key.user_id}:{month()}:100"})
+        assert outbox["status"] == "sent" and outbox["attempts"] == 0
+    finally:
+        stop_proxy(proxy)
