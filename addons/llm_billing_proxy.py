@@ -23,6 +23,7 @@ from llm_billing.stripe_reporter import StripeReporter
 from llm_billing.upstream_auth import CredentialRedactor
 from llm_billing.users import UserPlans
 from llm_billing.web import app as web_app
+from llm_billing.web.docs import Docs
 from llm_billing.web.health import Health
 from llm_billing.web.metrics import Metrics
 from llm_billing.web.portal import Portal
@@ -51,7 +52,8 @@ addons = [
     ApiInfo(database, settings, limits),  # answers /v1/models, /v1/usage (authenticated)
     StripeWebhook(database, settings, user_plans),  # answers /webhook/stripe itself
     WebApp(web_app.build(database, settings, health,
-                         extra=[*portal.routes(), *metrics.routes()])),  # /portal, /docs…
+                         extra=[*portal.routes(), *metrics.routes(),
+                                *Docs(settings).routes()])),  # /portal, /docs…
     health,
     portal,  # options; at start: session secret, seed 000's admin
     Router(settings),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import html
 import io
 import re
 import time
@@ -29,6 +30,7 @@ from conftest import (
     write_config,
 )
 from fake_upstream import FakeUpstream
+from llm_billing.settings import read_config
 from llm_billing.web.portal import Portal
 from llm_billing.web.portal.accounts import DEFAULT_ADMIN_EMAIL, DEFAULT_ADMIN_PASSWORD
 
@@ -400,3 +402,20 @@ def test_sign_up_see_quota_and_upgrade(portal: Proxy, admin: httpx.Client, db, t
 def test_sign_up_is_off_by_default(proxy: Proxy):
     assert httpx.get(f"{proxy.url}/portal/signup").status_code == 404
     assert "Sign up" not in httpx.get(f"{proxy.url}/portal/login").text
+
+
+def test_docs_for_key_holders(portal: Proxy):
+    response = httpx.get(f"{portal.url}/docs")
+    assert response.status_code == 200
+    page = html.unescape(response.text)
+    port = portal.url.rpartition(":")[2]
+    assert f"http://localhost:{port}/v1" in page  # the base URL (option public_url)
+    config = read_config(portal.config_path)
+    for path in config.routes:
+        assert f"POST {path}" in page
+    for snippet in ("from openai import OpenAI", "import anthropic", "from google import genai",
+                    "curl ", "Authorization: Bearer", "X-API-Key", "x-goog-api-key",
+                    "x-ratelimit-remaining-tokens", "Retry-After", "insufficient_quota",
+                    "Starter", "gpt-4o-mini"):
+        assert snippet in page, snippet
+    assert "<script" not in page and not re.search(r'(src|href)="(https?:)?//', page)

@@ -123,8 +123,11 @@ def test_admin_creates_a_key_and_sees_its_usage(portal: Proxy, page: Page, db, t
     for name in ("events", "plans"):
         page.goto(f"{portal.url}/portal/{name}")
         shot(f"07-{name}")
+    page.goto(f"{portal.url}/docs")
+    assert page.locator("pre code", has_text="from openai import OpenAI").count() >= 1
+    shot("10-docs")
     assert token not in portal.log
-    assert len(list(tmp_path.glob("*.png"))) == 8
+    assert len(list(tmp_path.glob("*.png"))) == 9
 
 
 def test_user_signs_up_and_upgrades(portal: Proxy, page: Page, db, tmp_path: Path,

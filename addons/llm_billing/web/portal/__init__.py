@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from mitmproxy import ctx
@@ -48,6 +49,9 @@ class Portal:
         loader.add_option("portal_signup", bool, False,
                           "Let anyone sign up for a portal account (new users get "
                           "[proxy] default_plan).")
+        loader.add_option("public_url", str, os.environ.get("LLM_BILLING_PUBLIC_URL", ""),
+                          "The proxy's address as clients reach it, for /docs (reverse mode "
+                          "rewrites the Host header); default http://localhost:<listen port>.")
 
     async def running(self) -> None:
         secret = await asyncio.to_thread(session_secret,
