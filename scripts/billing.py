@@ -33,6 +33,7 @@ from bson.errors import InvalidId
 from pymongo import MongoClient
 
 from _cli import ROOT, database_uri
+from llm_billing.core import reconcile
 from llm_billing.core.config import Config
 from llm_billing.core.dates import month_of
 from llm_billing.keyauth import token_hash
@@ -187,27 +188,15 @@ def portal(db: MongoClient, args: argparse.Namespace) -> None:
 def stripe_reconcile(db: MongoClient, args: argparse.Namespace) -> None:
     """Per user and month: overage tokens recorded vs put in the outbox vs sent to Stripe."""
     month = args.month or month_of(datetime.now(UTC))
-    sent: dict[Any, int] = {}
-    waiting: dict[Any, int] = {}
-    for item in db.billing.stripe_outbox.find({"month": month}):
-        bucket = sent if item["status"] == "sent" else waiting
-        bucket[item["user_id"]] = bucket.get(item["user_id"], 0) + item["value"]
-    header = ["month", "user", "overage_recorded", "in_outbox", "reported_to_stripe",
-              "not_yet_reported", "state"]
-    rows = []
-    for doc in db.billing.usage.find({"month": month, "overage_tokens": {"$gt": 0}}):
-        user, recorded = doc["user_id"], doc["overage_tokens"]
-        reported = sent.get(user, 0)
-        state = "ok" if reported == recorded else "pending" if reported < recorded \
-            else "OVER-REPORTED"
-        rows.append([month, str(user), recorded, doc.get("outboxed_tokens", 0), reported,
-                     recorded - reported, state])
+    rows = [row.cells() for row in reconcile.reconcile(
+        db.billing.usage.find(reconcile.usage_query(month)),
+        db.billing.stripe_outbox.find(reconcile.outbox_query(month)))]
     if args.csv:
         writer = csv.writer(sys.stdout)
-        writer.writerow(header)
+        writer.writerow(reconcile.COLUMNS)
         writer.writerows(rows)
     else:
-        table(header, rows)
+        table(list(reconcile.COLUMNS), rows)
 
 
 def decimal(value: Any) -> Decimal:

@@ -25,6 +25,7 @@ from ...storage.database import Database
 from . import accounts
 from .admin import AdminPages
 from .auth import AuthPages, home_of
+from .reconcile import ReconcilePage
 from .selfservice import SelfService
 from .session import Sessions, current_account, session_secret
 from .usage import UsagePages
@@ -41,6 +42,7 @@ class Portal:
         self.auth = AuthPages(database, settings)
         self.admin = AdminPages(database, settings)
         self.usage = UsagePages(database, settings)
+        self.reconcile = ReconcilePage(database)
         self.self_service = SelfService(database, settings)
         self._sessions: Sessions | None = None
         self._admin_task: asyncio.Task | None = None
@@ -94,6 +96,7 @@ class Portal:
             Route("/users/status", self.admin.set_status, methods=["POST"]),
             Route("/plans", self.admin.plans),
             Route("/events", self.admin.events),
+            Route("/reconcile", self.reconcile.reconcile),
             Route("/usage", self.usage.usage),
             Route("/me", self.self_service.me),
             Route("/upgrade", self.self_service.upgrade, methods=["POST"]),
