@@ -140,6 +140,11 @@ class LoginThrottle:
             return 0.0
         return failures[0] + self.window - now
 
+    def count(self, key: str, now: float | None = None) -> int:
+        """Failures of ``key`` in the window."""
+        self.wait(key, now)  # drops the expired ones
+        return len(self._failures.get(key, ()))
+
     def failed(self, key: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._failures.setdefault(key, deque()).append(now)
@@ -149,3 +154,9 @@ class LoginThrottle:
 
     def succeeded(self, key: str) -> None:
         self._failures.pop(key, None)
+
+    def forgive(self, key: str) -> None:
+        """Take back the latest failure (an attempt counted before its outcome was known)."""
+        failures = self._failures.get(key)
+        if failures:
+            failures.pop()

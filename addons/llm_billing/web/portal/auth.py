@@ -1,7 +1,17 @@
-"""Log in, log out, change the password, sign up."""
+"""Log in, log out, change the password, sign up.
+
+Failed logins are throttled per account and client address (``PAIR_FAILURES``) and per
+address (``ADDRESS_FAILURES``), so a stranger cannot lock an account out by failing on
+purpose from elsewhere. Failures of one account from everywhere only slow it down: past
+``ACCOUNT_SLOWDOWN`` of them every attempt on it (right or wrong: a delay only on wrong
+ones would tell the guesser early) waits ``ACCOUNT_DELAY`` first. An attempt counts as a
+failure as soon as it is checked, before the password hash is verified (an await), so a
+burst of concurrent guesses cannot all pass the check; a success takes it back.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -16,8 +26,10 @@ from . import accounts
 from .render import render
 from .session import current_account, form, requires, start_session
 
-ACCOUNT_FAILURES = 5  # failed logins per account per window
+PAIR_FAILURES = 5  # failed logins per account and client address per window
 ADDRESS_FAILURES = 20  # failed logins per client address per window
+ACCOUNT_SLOWDOWN = 10  # failed logins per account per window before attempts wait
+ACCOUNT_DELAY = 2.0  # seconds
 FAILURE_WINDOW = 15 * 60.0
 
 
@@ -29,8 +41,10 @@ class AuthPages:
     def __init__(self, database: Database, settings: Settings) -> None:
         self.database = database
         self.settings = settings
-        self.by_account = accounts.LoginThrottle(ACCOUNT_FAILURES, FAILURE_WINDOW)
+        self.by_pair = accounts.LoginThrottle(PAIR_FAILURES, FAILURE_WINDOW)
         self.by_address = accounts.LoginThrottle(ADDRESS_FAILURES, FAILURE_WINDOW)
+        self.by_account = accounts.LoginThrottle(ACCOUNT_SLOWDOWN, FAILURE_WINDOW)
+        self.pause = asyncio.sleep
 
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
@@ -41,20 +55,26 @@ class AuthPages:
         email = accounts.normal_email(str(data.get("email", "")))[:254]
         password = str(data.get("password", ""))[:1024]
         address = client_network(request.client.host if request.client else "")
-        wait = max(self.by_account.wait(email), self.by_address.wait(address))
+        pair = f"{email} {address}"
+        wait = max(self.by_pair.wait(pair), self.by_address.wait(address))
         if wait > 0:
             response = render(request, "login.html", 429, email=email, signup=signup_open(),
                               error="Too many failed logins. Try again later.")
             response.headers["retry-after"] = str(math.ceil(wait))
             return response
+        for throttle, key in ((self.by_pair, pair), (self.by_address, address),
+                              (self.by_account, email)):
+            throttle.failed(key)  # until proven otherwise, before the first await
+        if self.by_account.count(email) > ACCOUNT_SLOWDOWN:
+            await self.pause(ACCOUNT_DELAY)
         account = await accounts.find(await self.database.client(), email)
         if not await accounts.verify_password(account and account.get("password_hash"),
                                               password):
-            self.by_account.failed(email)
-            self.by_address.failed(address)
             return render(request, "login.html", 401, email=email, signup=signup_open(),
                           error="Wrong email or password.")
-        self.by_account.succeeded(email)
+        self.by_pair.succeeded(pair)
+        self.by_address.forgive(address)
+        self.by_account.forgive(email)
         assert account is not None
         start_session(request, account)
         if account.get("must_change_password"):

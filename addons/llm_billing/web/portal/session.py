@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable
@@ -27,8 +28,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ...storage.database import Database
 from . import accounts
 
+logger = logging.getLogger(__name__)
+
 SESSION_SECRET_ENV = "LLM_BILLING_SESSION_SECRET"
 SESSION_SECRET_FILE = "portal_session_secret"
+MIN_SECRET_LENGTH = 32
 COOKIE = "portal_session"
 MAX_AGE = 12 * 3600
 SECURITY_HEADERS = [
@@ -44,23 +48,41 @@ SECURITY_HEADERS = [
 
 
 def session_secret(data_dir: Path) -> str:
-    """``LLM_BILLING_SESSION_SECRET``, else one generated once and kept in the data dir."""
+    """``LLM_BILLING_SESSION_SECRET``, else one generated once and kept in the data dir.
+
+    The file appears whole (written aside, then linked into place): an empty or short one
+    (a crash mid-write by an older version) would sign sessions with a key anyone can
+    compute, so it is replaced."""
     if secret := os.environ.get(SESSION_SECRET_ENV):
         return secret
     path = data_dir / SESSION_SECRET_FILE
     try:
-        return path.read_text().strip()
+        secret = path.read_text().strip()
     except FileNotFoundError:
-        pass
+        secret = None
+    if secret is not None and len(secret) >= MIN_SECRET_LENGTH:
+        return secret
     data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another instance made it first
-        return path.read_text().strip()
+    spare = path.with_name(f"{SESSION_SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secret)
-    return secret
+        f.write(secrets.token_urlsafe(48))
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        if secret is None:
+            try:
+                os.link(spare, path)  # fails if another instance made it first
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                os.replace(spare, path)
+        else:
+            logger.warning(f"Portal: {path} held no usable secret; replaced")
+            os.replace(spare, path)
+    finally:
+        spare.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 class Sessions:
