@@ -3,19 +3,35 @@ mitmdump (httpx for the pages, the openai SDK for requests)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
 import re
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from test_portal import NEW_ADMIN_PASSWORD, browser, csrf_of, log_in, wait_for_admin
+from mitmproxy.test import taddons
+from pymongo import AsyncMongoClient, monitoring
+from test_keyauth import chat_flow, insert_key, settings_with_routes
+from test_portal import (
+    NEW_ADMIN_PASSWORD,
+    browser,
+    create_key,
+    csrf_of,
+    log_in,
+    user_session,
+    wait_for_admin,
+)
 
-from conftest import Proxy, start_proxy, stop_proxy, write_config
+from conftest import Proxy, openai_client, start_proxy, stop_proxy, write_config
 from fake_upstream import FakeUpstream
+from llm_billing import context
 from llm_billing.core.reconcile import reconcile
+from llm_billing.keyauth import KeyAuth
 from llm_billing.web.portal.accounts import DEFAULT_ADMIN_EMAIL, DEFAULT_ADMIN_PASSWORD
 
 MONTH = "2020-03"  # no live usage lands there
@@ -97,3 +113,78 @@ def test_more_reported_than_recorded_is_failing():
     [row] = reconcile(usage, items)
     assert (row.reported, row.not_reported, row.state, row.detail) == \
         (9, -4, "failing", "over-reported")
+
+
+def test_key_last_used_shows_after_a_request(portal: Proxy, admin: httpx.Client, db,
+                                             test_id: str):
+    user = f"lastused-{test_id[:8]}"
+    with contextlib.closing(user_session(portal, admin, user)) as as_user:
+        token = create_key(as_user, name="laptop")
+        stored = db.cgc.api_keys.find_one({"user_id": user})
+        assert "never" in as_user.get("/portal/keys").text
+        before = datetime.now(UTC).replace(microsecond=0)
+        openai_client(portal, token).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        deadline = time.monotonic() + 10  # written within the flush interval (2 s)
+        while "date_last_used" not in (doc := db.cgc.api_keys.find_one({"_id": stored["_id"]})):
+            assert time.monotonic() < deadline, portal.log
+            time.sleep(0.1)
+        used = doc.pop("date_last_used")
+        assert before <= used <= datetime.now(UTC)
+        assert doc == stored  # seed 002's fields untouched
+        shown = f'<td class="last-used">{used.strftime("%Y-%m-%d %H:%M:%S")}</td>'
+        assert shown in as_user.get("/portal/keys").text
+        assert shown in admin.get(f"/portal/keys?user={user}").text
+
+
+class ApiKeyWrites(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.commands: list[dict] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name in ("update", "findAndModify", "insert", "delete") and \
+                event.command.get(event.command_name) == "api_keys":
+            self.commands.append(event.command)
+
+    def succeeded(self, event) -> None:
+        pass
+
+    def failed(self, event) -> None:
+        pass
+
+
+class ListenedDatabase:
+    def __init__(self, uri: str) -> None:
+        self.writes = ApiKeyWrites()
+        self._client = AsyncMongoClient(uri, tz_aware=True, event_listeners=[self.writes])
+
+    async def client(self) -> AsyncMongoClient:
+        return self._client
+
+
+def test_request_path_does_not_write_last_used(mongo_uri: str, db):
+    """KeyAuth notes the use in memory; only the background flush writes, with $max."""
+    token = insert_key(db)
+    key_id = db.cgc.api_keys.find_one({"user_id": f"u-{token[:8]}"})["_id"]
+    database = ListenedDatabase(mongo_uri)
+    auth = KeyAuth(database, settings_with_routes())  # type: ignore[arg-type]
+
+    async def go():
+        with taddons.context(auth):
+            for _ in range(3):
+                flow = chat_flow(token, "10.0.0.1")
+                await auth.requestheaders(flow)
+                assert context.of(flow) is not None
+            assert database.writes.commands == []  # nothing written on the request path
+            await auth.last_used.flush()
+            [command] = database.writes.commands
+            [update] = command["updates"]
+            assert update["q"] == {"_id": key_id}
+            assert list(update["u"]) == ["$max"]
+            await auth.last_used.flush()  # nothing new: no write
+            assert len(database.writes.commands) == 1
+            return update["u"]["$max"]["date_last_used"]
+
+    noted = asyncio.run(go())
+    stored = db.cgc.api_keys.find_one({"_id": key_id})["date_last_used"]
+    assert abs(stored - noted.replace(tzinfo=UTC)) < timedelta(milliseconds=1)

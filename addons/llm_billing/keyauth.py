@@ -13,7 +13,8 @@ Client credentials, in every accepted form, are removed from every live request 
 first hook, routed or not, so no later hook, log line or saved flow holds them. A cached
 key is used at most ``key_cache_max_stale`` seconds after the database last confirmed it:
 past that it waits for a new lookup, and gets 503 while the database cannot answer (a
-revoked key must not keep working through an outage).
+revoked key must not keep working through an outage). Each authenticated request notes
+when its key was used, in memory; storage/last_used.py writes that in the background.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .errors import error_response
 from .settings import Settings
 from .storage.cache import RefreshingCache
 from .storage.database import Database
+from .storage.last_used import KeysLastUsed
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class KeyAuth:
             self._fetch, max_keys, is_miss=lambda record: record.caller is None,
             max_misses=max_unknown_keys, max_age=KEY_CACHE_MAX_STALE)
         self._unknown_lookups = ClientRate(UNKNOWN_KEY_LOOKUPS_PER_MINUTE)
+        self.last_used = KeysLastUsed(database)
 
     def load(self, loader) -> None:
         loader.add_option("key_cache_ttl", int, 30, "Seconds a key lookup stays fresh.")
@@ -123,6 +126,12 @@ class KeyAuth:
             self._cache.max_age = ctx.options.key_cache_max_stale
         if "unknown_key_lookups_per_minute" in updated:
             self._unknown_lookups.per_minute = ctx.options.unknown_key_lookups_per_minute
+
+    def running(self) -> None:
+        self.last_used.start()
+
+    async def done(self) -> None:
+        await self.last_used.stop()
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         config = self.settings.config
@@ -173,6 +182,7 @@ class KeyAuth:
             flow.response = error_response(
                 fmt, 401, "Invalid or expired API key.", "invalid_api_key")
             return
+        self.last_used.note(caller.key_id, datetime.now(UTC))  # no database wait
         context.attach(flow, context.RequestContext(
             caller=caller, route=route, path=path, secrets=(token, *configured_secrets(config))))
 
