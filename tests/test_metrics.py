@@ -5,6 +5,7 @@ option, and health following the database down and back."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,8 +77,9 @@ def test_counters_move_by_exactly_what_was_billed(proxy: Proxy, make_key: Callab
     client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=7)
     list(client.chat.completions.create(model=model, messages=MESSAGES, stream=True))
     with pytest.raises(openai.AuthenticationError):
-        openai_client(proxy, "not-a-key").chat.completions.create(model=model,
-                                                                  messages=MESSAGES)
+        # unique: other tests' unknown keys may still be cached
+        openai_client(proxy, f"not-a-key-{uuid.uuid4().hex}").chat.completions.create(
+            model=model, messages=MESSAGES)
     assert httpx.post(f"{proxy.url}{route}", json={"model": model}).status_code == 401
     events = wait_for_events(db, key.user_id, 3)  # stored after every consumer settled
     after = scrape(proxy)

@@ -35,6 +35,7 @@ class Receiver:
     def __init__(self, fail_first: int = 0) -> None:
         self.posts: list[tuple[int, dict]] = []  # (status answered, body)
         self.fail_left = fail_first
+        self.watched: str | None = None  # the user whose first POSTs fail
         self.lock = threading.Lock()
         receiver = self
 
@@ -49,7 +50,9 @@ class Receiver:
                 signed = hmac.compare_digest(self.headers["x-signature"], expected) and \
                     self.headers["x-signature-timestamp"] == str(body["sent_at"])
                 with receiver.lock:
-                    status = 401 if not signed else 500 if receiver.fail_left else 204
+                    # other tests' users cross thresholds in the shared database too
+                    failing = receiver.fail_left and body["user_id"] == receiver.watched
+                    status = 401 if not signed else 500 if failing else 204
                     receiver.fail_left -= status == 500
                     receiver.posts.append((status, body))
                 self.send_response(status)
@@ -92,6 +95,7 @@ def month() -> str:
 def test_80_then_100_percent_alerts_once_each(tmp_path, mongo_uri: str, upstream: FakeUpstream,
                                               make_key, db, receiver: Receiver):
     key, later = make_key(), make_key()
+    receiver.watched = key.user_id
     set_plan(db, key.user_id, "quota-test", tokens_used=3990)  # 5,000 a month: 79.8 %
     proxy = alerting_proxy(tmp_path, mongo_uri, upstream, receiver.url)
     try:
@@ -100,8 +104,9 @@ def test_80_then_100_percent_alerts_once_each(tmp_path, mongo_uri: str, upstream
         wait_for_usage(db, key.user_id, 3990 + reply.usage.total_tokens)  # now past 80 %
         assert receiver.wait_for(key.user_id, 1) == [80]
         # the first POST was answered 500 and retried (backoff: 2 s)
-        assert [(s, b["threshold"]) for s, b in receiver.posts] == [(500, 80), (204, 80)]
-        first = receiver.posts[-1][1]
+        mine = [(s, b) for s, b in receiver.posts if b["user_id"] == key.user_id]
+        assert [(s, b["threshold"]) for s, b in mine] == [(500, 80), (204, 80)]
+        first = mine[-1][1]
         assert first["id"] == f"{key.user_id}:{month()}:80" and first["monthly_tokens"] == 5000
         assert first["plan"] == "quota-test" and first["tokens"] >= 4000
         db.billing.usage.update_one({"_id": f"{key.user_id}:{month()}"},
