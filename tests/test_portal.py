@@ -422,3 +422,27 @@ def test_docs_for_key_holders(portal: Proxy):
                     "Starter", "gpt-4o-mini"):
         assert snippet in page, snippet
     assert "<script" not in page and not re.search(r'(src|href)="(https?:)?//', page)
+
+
+def test_a_new_keys_token_is_not_kept_in_flow_files(portal: Proxy, admin: httpx.Client, db,
+                                                    tmp_path, mongo_uri: str, test_id: str):
+    """The page that shows a token once goes through mitmproxy's flows: `-w` must not keep
+    it (nor the admin's password or session cookie)."""
+    flows = tmp_path / "flows.mitm"
+    second = start_proxy(tmp_path, mongo_uri, portal.config_path, "-w", str(flows),
+                         env=STRIPE_ENV)
+    try:
+        with browser(second) as client:
+            assert log_in(client, DEFAULT_ADMIN_EMAIL, NEW_ADMIN_PASSWORD).status_code == 303
+            user = f"flows-{test_id[:8]}"
+            create_user(client, user)
+            token = create_key(client, user=user)
+            cookie = client.cookies.get("portal_session") or next(iter(client.cookies.values()))
+            openai_client(second, token).chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    finally:
+        stop_proxy(second)
+    saved = flows.read_bytes()
+    assert b"/v1/chat/completions" in saved  # API flows are still saved
+    for secret in (token, NEW_ADMIN_PASSWORD, cookie):
+        assert secret.encode() not in saved

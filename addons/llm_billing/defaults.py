@@ -8,6 +8,10 @@
 - ``body_size_limit`` (unless set): mitmproxy reads a request's whole body before any
   hook can answer it, so without a limit anyone could announce (and send) gigabytes, to
   any path. The default fits the largest LLM requests (inline images, audio, PDFs).
+- ``save_stream_filter`` / mitmweb's ``view_filter`` (unless set): portal flows are not
+  written by ``-w`` nor shown in mitmweb — the page that shows a new key's token once, and
+  session cookies, pass through mitmproxy's flow machinery, and mitmproxy's Save runs
+  before any hook of ours could redact them.
 - ``UpstreamCredentials`` joins the very end of the addon chain (see upstream_auth).
 """
 
@@ -23,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 UNUSED_REVERSE_TARGET = "reverse:http://127.0.0.1:9"
 BODY_SIZE_LIMIT = "128m"
+NOT_PORTAL = "!(~u ://[^/]+/portal)"
 
 
 class ProxyDefaults:
@@ -42,6 +47,9 @@ class ProxyDefaults:
             updates["connection_strategy"] = "lazy"
         if not ctx.options.body_size_limit:
             updates["body_size_limit"] = BODY_SIZE_LIMIT
+        for name in ("save_stream_filter", "view_filter"):  # view_filter: mitmweb only
+            if name in ctx.options and not getattr(ctx.options, name):
+                updates[name] = NOT_PORTAL
         if updates:
             logger.info(f"Billing proxy defaults: {updates}")
             ctx.options.update(**updates)
