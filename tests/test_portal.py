@@ -446,3 +446,11 @@ def test_a_new_keys_token_is_not_kept_in_flow_files(portal: Proxy, admin: httpx.
     assert b"/v1/chat/completions" in saved  # API flows are still saved
     for secret in (token, NEW_ADMIN_PASSWORD, cookie):
         assert secret.encode() not in saved
+
+
+def test_a_trailing_slash_never_redirects_to_the_host_header(portal: Proxy):
+    """In reverse mode the Host header is rewritten to the upstream's: a redirect built from
+    it would send browsers elsewhere."""
+    response = httpx.get(f"{portal.url}/portal/login/", headers={"Host": "api.openai.com"},
+                         follow_redirects=False)
+    assert "api.openai.com" not in response.headers.get("location", "")

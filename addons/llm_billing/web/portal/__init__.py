@@ -76,7 +76,7 @@ class Portal:
         return RedirectResponse(home_of(account), 303)
 
     def routes(self) -> list[BaseRoute]:
-        self._sessions = Sessions(Router(self.page_routes()))
+        self._sessions = Sessions(Router(self.page_routes(), redirect_slashes=False))
         return [Route("/portal", lambda request: RedirectResponse("/portal/login", 303)),
                 Mount("/portal", app=self._sessions)]
 
