@@ -19,7 +19,6 @@ them. They may undercount, never double count, and are never used for billing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from mitmproxy import ctx, http
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError, PyMongoError, ServerSelectionTimeoutError
 
-from . import context
+from . import background, context
 from .core.events import completion_event, failure_event, intent_event
 from .core.outcome import Outcome
 from .core.rollups import daily_updates
@@ -346,9 +345,7 @@ class EventLog:
         deadline = time.monotonic() + ctx.options.event_shutdown_timeout
         while (self.queue.qsize() or self._in_flight) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
+        await background.stop(self._writer)
         unsent = len(self._in_flight) + self.queue.qsize()
         if self.journal is not None:
             self.journal.close()

@@ -14,7 +14,6 @@ carries OpenAI's ``x-ratelimit-*-tokens`` headers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -26,7 +25,7 @@ from typing import Any
 from mitmproxy import ctx, http
 from pymongo.errors import PyMongoError
 
-from . import context
+from . import background, context
 from .core.admission import Need, need_of, set_output_limit
 from .core.api_info import quota_left
 from .core.dates import month_of, openai_duration, seconds_to_next_month
@@ -71,10 +70,7 @@ class Limits:
             self._flusher = asyncio.create_task(self.ledger.run(interval))
 
     async def done(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        await background.stop(self._flusher)
         await self.ledger.close(timeout=ctx.options.event_shutdown_timeout)
 
     async def request(self, flow: http.HTTPFlow) -> None:

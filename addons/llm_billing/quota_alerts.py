@@ -28,6 +28,7 @@ from mitmproxy import ctx
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from . import background
 from .core.alerts import AlertSettings, alert_body, alert_id, crossed, signature
 from .core.dates import month_of
 from .settings import Settings
@@ -56,10 +57,7 @@ class QuotaAlerts:
             self._task = asyncio.create_task(self._run())
 
     async def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await background.stop(self._task)
 
     async def _run(self) -> None:
         async with httpx.AsyncClient(timeout=SEND_TIMEOUT) as client:

@@ -21,13 +21,14 @@ handler, which closes the socket and fires ``client_disconnected``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 
 from mitmproxy import connection, ctx, exceptions, http, tcp
 from mitmproxy.utils import human
+
+from . import background
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +66,7 @@ class SlowClients:
             self._sweeper = asyncio.create_task(self._run())
 
     async def done(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await background.stop(self._sweeper)
 
     def client_connected(self, client: connection.Client) -> None:
         if client.transport_protocol == "tcp":

@@ -22,7 +22,6 @@ more round runs at shutdown.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -33,6 +32,7 @@ from mitmproxy import ctx
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from . import background
 from .core.dates import aware, next_month_start, within_month
 from .settings import Settings
 from .storage.database import Database
@@ -105,9 +105,7 @@ class StripeReporter:
 
     async def done(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await background.stop(self._task)
             # After Limits' last usage write (addon order); bounded: Stripe may be down.
             try:
                 await asyncio.wait_for(self.report_once(), SHUTDOWN_REPORT_TIMEOUT)

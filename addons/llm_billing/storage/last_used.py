@@ -17,6 +17,7 @@ from typing import Any
 from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
+from .. import background
 from .database import Database
 
 logger = logging.getLogger(__name__)
@@ -42,11 +43,8 @@ class KeysLastUsed:
             self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), SHUTDOWN_FLUSH_TIMEOUT)
 

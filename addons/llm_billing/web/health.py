@@ -9,7 +9,6 @@ by a stopped proxy and not yet replayed (``health_max_journal_files``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from .. import background
 from ..storage.database import Database
 
 if TYPE_CHECKING:
@@ -56,10 +56,7 @@ class Health:
             self._task = asyncio.create_task(self._run())
 
     async def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await background.stop(self._task)
 
     async def check(self) -> None:
         problems = []
