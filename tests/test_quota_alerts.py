@@ -37,6 +37,7 @@ class Receiver:
         self.fail_left = fail_first
         self.watched: str | None = None  # the user whose first POSTs fail
         self.lock = threading.Lock()
+        self.held: threading.Event | None = None  # set: answers wait until it is released
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +56,8 @@ class Receiver:
                     status = 401 if not signed else 500 if failing else 204
                     receiver.fail_left -= status == 500
                     receiver.posts.append((status, body))
+                if receiver.held is not None:
+                    receiver.held.wait(30)
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -126,3 +129,34 @@ def test_80_then_100_percent_alerts_once_each(tmp_path, mongo_uri: str, upstream
         assert outbox["status"] == "sent" and outbox["attempts"] == 0
     finally:
         stop_proxy(proxy)
+
+
+def test_an_alert_in_flight_at_shutdown_is_marked_sent_and_never_resent(
+        tmp_path, mongo_uri: str, upstream: FakeUpstream, make_key, db):
+    """SIGTERM while the receiver has the POST but has not answered yet: the proxy waits
+    for the answer and records it, so the restarted proxy does not send the alert again."""
+    receiver = Receiver()
+    receiver.held = threading.Event()
+    key = make_key()
+    proxy = alerting_proxy(tmp_path, mongo_uri, upstream, receiver.url)
+    try:
+        set_plan(db, key.user_id, "quota-test", tokens_used=4000)  # 80 %
+        deadline = time.monotonic() + 20
+        while not any(b["user_id"] == key.user_id for _, b in receiver.posts):
+            assert time.monotonic() < deadline, "no alert POST"
+            time.sleep(0.05)
+        proxy.process.terminate()
+        time.sleep(1.0)  # the proxy is shutting down with the answer still pending
+        receiver.held.set()
+        assert proxy.process.wait(20) == 0
+        outbox = db.billing.alert_outbox.find_one({"_id": f"{key.user_id}:{month()}:80"})
+        assert outbox["status"] == "sent"
+        receiver.held = None
+        proxy = alerting_proxy(tmp_path, mongo_uri, upstream, receiver.url)
+        later = make_key()
+        set_plan(db, later.user_id, "quota-test", tokens_used=4000)
+        assert receiver.wait_for(later.user_id, 1) == [80]  # rounds ran after the restart
+        assert receiver.accepted(key.user_id) == [80]
+    finally:
+        stop_proxy(proxy)
+        receiver.server.shutdown()

@@ -47,6 +47,7 @@ class QuotaAlerts:
         self.settings = settings
         self._task: asyncio.Task | None = None
         self._outboxed: set[str] = set()  # ids known to be in the outbox (saves writes)
+        self._stopping = asyncio.Event()
 
     def load(self, loader) -> None:
         loader.add_option("alert_interval_ms", int, 10_000,
@@ -57,12 +58,13 @@ class QuotaAlerts:
             self._task = asyncio.create_task(self._run())
 
     async def done(self) -> None:
-        await background.stop(self._task)
+        # A POST in flight is let finish and marked, so a restart never sends it again.
+        await background.stop(self._task, self._stopping, grace=SEND_TIMEOUT + 2)
 
     async def _run(self) -> None:
         async with httpx.AsyncClient(timeout=SEND_TIMEOUT) as client:
-            while True:
-                await asyncio.sleep(ctx.options.alert_interval_ms / 1000)
+            while not await background.pause(self._stopping,
+                                             ctx.options.alert_interval_ms / 1000):
                 config = self.settings.config
                 if config is None or not config.alerts.enabled:
                     continue  # a reload may turn them on
@@ -108,7 +110,7 @@ class QuotaAlerts:
 
     async def send_outbox(self, client: httpx.AsyncClient, alerts: AlertSettings) -> None:
         db = (await self.database.client()).billing
-        while True:
+        while not self._stopping.is_set():
             now = datetime.now(UTC)
             item = await db.alert_outbox.find_one_and_update(
                 {"$or": [{"status": {"$in": list(SENDABLE)}, "next_attempt": {"$lte": now}},
