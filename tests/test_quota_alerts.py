@@ -3,6 +3,7 @@ quota, once each, retried when the receiver fails, never resent by a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -13,8 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from pymongo import AsyncMongoClient
 
 from conftest import (
+    ONE_BACKEND,
     Proxy,
     free_port,
     openai_client,
@@ -25,6 +28,9 @@ from conftest import (
     write_config,
 )
 from fake_upstream import FakeUpstream
+from llm_billing.core.config import parse_config
+from llm_billing.quota_alerts import QuotaAlerts
+from llm_billing.settings import Settings
 
 SECRET = "alert-secret-" + "s" * 20
 
@@ -110,7 +116,7 @@ def test_80_then_100_percent_alerts_once_each(tmp_path, mongo_uri: str, upstream
         mine = [(s, b) for s, b in receiver.posts if b["user_id"] == key.user_id]
         assert [(s, b["threshold"]) for s, b in mine] == [(500, 80), (204, 80)]
         first = mine[-1][1]
-        assert first["id"] == f"{key.user_id}:{month()}:80" and first["monthly_tokens"] == 5000
+        assert first["id"] == f"{key.user_id}:{month()}:5000:80" and first["monthly_tokens"] == 5000
         assert first["plan"] == "quota-test" and first["tokens"] >= 4000
         db.billing.usage.update_one({"_id": f"{key.user_id}:{month()}"},
                                     {"$set": {"tokens": 5000}})  # the rest of the month used
@@ -125,7 +131,7 @@ def test_80_then_100_percent_alerts_once_each(tmp_path, mongo_uri: str, upstream
         assert receiver.accepted(key.user_id) == [80, 100]  # nothing resent
         ours = [b for _, b in receiver.posts if b["user_id"] in (key.user_id, later.user_id)]
         assert len(ours) == 4  # 80 failed once, 80, 100, and the later user's 80
-        outbox = db.billing.alert_outbox.find_one({"_id": f"{key.user_id}:{month()}:100"})
+        outbox = db.billing.alert_outbox.find_one({"_id": f"{key.user_id}:{month()}:5000:100"})
         assert outbox["status"] == "sent" and outbox["attempts"] == 0
     finally:
         stop_proxy(proxy)
@@ -149,7 +155,7 @@ def test_an_alert_in_flight_at_shutdown_is_marked_sent_and_never_resent(
         time.sleep(1.0)  # the proxy is shutting down with the answer still pending
         receiver.held.set()
         assert proxy.process.wait(20) == 0
-        outbox = db.billing.alert_outbox.find_one({"_id": f"{key.user_id}:{month()}:80"})
+        outbox = db.billing.alert_outbox.find_one({"_id": f"{key.user_id}:{month()}:5000:80"})
         assert outbox["status"] == "sent"
         receiver.held = None
         proxy = alerting_proxy(tmp_path, mongo_uri, upstream, receiver.url)
@@ -160,3 +166,56 @@ def test_an_alert_in_flight_at_shutdown_is_marked_sent_and_never_resent(
     finally:
         stop_proxy(proxy)
         receiver.server.shutdown()
+
+
+class OneClient:
+    def __init__(self, uri: str) -> None:
+        self._client = AsyncMongoClient(uri, tz_aware=True)
+
+    async def client(self) -> AsyncMongoClient:
+        return self._client
+
+
+def test_an_upgrade_mid_month_alerts_again_at_the_new_quotas_thresholds(mongo_uri: str, db,
+                                                                         make_key):
+    """Free (10,000) crossed at 80 %, then Pro (1,000,000): 80 % of Pro is its own alert;
+    a new scanner (a restart) and a move back to Free outbox nothing twice, and an item of
+    the id format before the quota was in it counts as outboxed."""
+    settings = Settings()
+    settings.config = parse_config(ONE_BACKEND + '[alerts]\nurl = "http://127.0.0.1:9/h"\n',
+                                   {"LLM_BILLING_ALERT_SECRET": SECRET})
+    user, upgraded = make_key().user_id, make_key().user_id
+
+    def outboxed(user_id: str) -> list[tuple[int, int, str]]:
+        return sorted((i["monthly_tokens"], i["threshold"], i["_id"]) for i in
+                      db.billing.alert_outbox.find({"user_id": user_id}))
+
+    def fill() -> None:  # a fresh addon each time: what a restarted proxy knows
+        asyncio.run(QuotaAlerts(OneClient(mongo_uri), settings).fill_outbox())
+
+    set_plan(db, user, "free", tokens_used=8_500)
+    fill()
+    assert [t[:2] for t in outboxed(user)] == [(10_000, 80)]
+    set_plan(db, user, "pro", tokens_used=8_500)  # 0.85 % of Pro: nothing yet
+    fill()
+    assert len(outboxed(user)) == 1
+    set_plan(db, user, "pro", tokens_used=800_000)
+    fill()
+    assert [t[:2] for t in outboxed(user)] == [(10_000, 80), (1_000_000, 80)]
+    assert [t[2] for t in outboxed(user)] == [f"{user}:{month()}:10000:80",
+                                              f"{user}:{month()}:1000000:80"]
+    set_plan(db, user, "free", tokens_used=800_000)  # back to Free: only its 100 % is new
+    fill()
+    fill()
+    assert [t[:2] for t in outboxed(user)] == [(10_000, 80), (10_000, 100), (1_000_000, 80)]
+
+    # an item a proxy before this id format outboxed is not outboxed again
+    db.billing.alert_outbox.insert_one({
+        "_id": f"{upgraded}:{month()}:80", "user_id": upgraded, "month": month(),
+        "threshold": 80, "monthly_tokens": 10_000, "status": "sent"})
+    set_plan(db, upgraded, "free", tokens_used=8_500)
+    fill()
+    assert [t[:2] for t in outboxed(upgraded)] == [(10_000, 80)]
+    set_plan(db, upgraded, "pro", tokens_used=800_000)  # another quota: a new alert
+    fill()
+    assert [t[:2] for t in outboxed(upgraded)] == [(10_000, 80), (1_000_000, 80)]

@@ -1,11 +1,13 @@
 """QuotaAlerts addon: tell a configured URL when a user crosses 80 % and 100 % of the
-monthly quota, once per threshold per user per month, from a durable outbox.
+monthly quota, once per threshold per user, month and quota, from a durable outbox.
 
 In the background, never on the request path (``alert_interval_ms``):
 1. The month's ``billing.usage`` documents are scanned (like stripe_reporter.py); each
    threshold a user's tokens reached gets one item in ``billing.alert_outbox`` with the
-   deterministic ``_id`` ``<user>:<month>:<threshold>`` — a restart, or a second instance
-   scanning the same documents, only finds the same item again.
+   deterministic ``_id`` ``<user>:<month>:<monthly_tokens>:<threshold>`` — a restart, or a
+   second instance scanning the same documents, only finds the same item again; a plan
+   with another quota (an upgrade mid-month) is a new series (core/alerts.py). An item of
+   the old id format (``<user>:<month>:<threshold>``) for the same quota counts as there.
 2. Pending items are POSTed (httpx), signed with HMAC-SHA256 over the raw body
    (core/alerts.py); an answer other than 2xx, or none, is retried with backoff. Only a
    2xx marks an item ``sent``. An item is claimed before it is sent, so two instances
@@ -29,7 +31,14 @@ from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from . import background
-from .core.alerts import AlertSettings, alert_body, alert_id, crossed, signature
+from .core.alerts import (
+    AlertSettings,
+    alert_body,
+    alert_id,
+    crossed,
+    legacy_alert_id,
+    signature,
+)
 from .core.dates import month_of
 from .settings import Settings
 from .storage.database import Database
@@ -46,7 +55,7 @@ class QuotaAlerts:
         self.database = database
         self.settings = settings
         self._task: asyncio.Task | None = None
-        self._outboxed: set[str] = set()  # ids known to be in the outbox (saves writes)
+        self._outboxed: dict[str, str] = {}  # id → month of items known to be outboxed
         self._stopping = asyncio.Event()
 
     def load(self, loader) -> None:
@@ -87,26 +96,33 @@ class QuotaAlerts:
         users = {doc["user_id"] for doc in docs if "user_id" in doc}
         plans = {user["_id"]: user.get("plan") async for user in
                  db.users.find({"_id": {"$in": list(users)}}, {"plan": 1})}
+        new: list[tuple[str, str, dict[str, Any]]] = []  # (id, legacy id, item)
         for doc in docs:
             if "user_id" not in doc:
                 continue
             plan = config.plan(plans.get(doc["user_id"]))
             for threshold in crossed(doc["tokens"], plan.monthly_tokens,
                                      config.alerts.thresholds):
-                identifier = alert_id(doc["user_id"], doc["month"], threshold)
-                if identifier in self._outboxed:
-                    continue
-                item = {"user_id": str(doc["user_id"]), "month": doc["month"],
+                identifier = alert_id(doc["user_id"], doc["month"], plan.monthly_tokens,
+                                      threshold)
+                if identifier not in self._outboxed:
+                    new.append((identifier, legacy_alert_id(doc["user_id"], doc["month"],
+                                                            threshold), {
+                        "user_id": str(doc["user_id"]), "month": doc["month"],
                         "threshold": threshold, "tokens": doc["tokens"],
                         "monthly_tokens": plan.monthly_tokens, "plan": plan.id,
                         "created": now, "status": "pending", "attempts": 0,
-                        "next_attempt": now}
+                        "next_attempt": now}))
+        legacy = {item["_id"]: item.get("monthly_tokens") async for item in db.alert_outbox.find(
+            {"_id": {"$in": [old for _, old, _ in new]}}, {"monthly_tokens": 1})} if new else {}
+        for identifier, old, item in new:
+            if legacy.get(old) != item["monthly_tokens"]:  # else outboxed before the upgrade
                 with contextlib.suppress(DuplicateKeyError):  # another instance, just now
                     await db.alert_outbox.update_one(
                         {"_id": identifier}, {"$setOnInsert": item}, upsert=True)
-                self._outboxed.add(identifier)
-        self._outboxed = {i for i in self._outboxed if i.rpartition(":")[0].endswith(
-            tuple(months))}  # older months are never outboxed again
+            self._outboxed[identifier] = item["month"]
+        self._outboxed = {i: m for i, m in self._outboxed.items()
+                          if m in months}  # older months are never outboxed again
 
     async def send_outbox(self, client: httpx.AsyncClient, alerts: AlertSettings) -> None:
         db = (await self.database.client()).billing

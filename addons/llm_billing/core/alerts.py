@@ -3,8 +3,14 @@ signed JSON that tells the configured URL.
 
 The body is signed with HMAC-SHA256 over its raw bytes (``X-Signature: sha256=<hex>``); it
 carries the time it was sent (``sent_at``, also ``X-Signature-Timestamp``), so a receiver
-can refuse a replayed old alert, and its ``id`` (``<user>:<month>:<threshold>``), the same
-on every retry, so it can drop a duplicate delivery.
+can refuse a replayed old alert, and its ``id``, the same on every retry, so it can drop a
+duplicate delivery.
+
+The id is ``<user>:<month>:<monthly_tokens>:<threshold>``: one alert per threshold of each
+quota a user's month is measured against. A user who crossed 80 % of Free (10,000) and then
+moves to Pro (1,000,000) is told again at 80 % of Pro's quota; moving back to Free, or to a
+plan with the same quota, tells nothing twice. (Before, the id was
+``<user>:<month>:<threshold>``: see ``legacy_alert_id``.)
 """
 
 from __future__ import annotations
@@ -55,7 +61,13 @@ def parse_alerts(data: Any, env: Mapping[str, str]) -> AlertSettings:
     return AlertSettings(url, env.get(SECRET_ENV) or None, tuple(sorted(set(thresholds))))
 
 
-def alert_id(user_id: Any, month: str, threshold: int) -> str:
+def alert_id(user_id: Any, month: str, monthly_tokens: int, threshold: int) -> str:
+    return f"{user_id}:{month}:{monthly_tokens}:{threshold}"
+
+
+def legacy_alert_id(user_id: Any, month: str, threshold: int) -> str:
+    """The id items had before it named the quota: an item of that id for the same quota
+    was already outboxed (by a proxy before the upgrade), so it is not sent again."""
     return f"{user_id}:{month}:{threshold}"
 
 
