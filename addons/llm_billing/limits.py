@@ -7,8 +7,9 @@ then held against this instance's lease of a blocking plan's monthly quota (ledg
 A plan that clamps lowers the request's output limit to what fits; a request that can
 never fit gets a 429 the SDKs do not retry (``x-should-retry: false``); one that must
 wait for the bucket gets a 429 with ``Retry-After``. After (``settled``, from the Settle
-addon): the hold becomes what the request was billed. Every response to a limited plan
-carries OpenAI's ``x-ratelimit-*-tokens`` headers.
+addon): the hold becomes what the request was billed. Every response to a limited plan,
+its 429s included, carries OpenAI's ``x-ratelimit-{limit,remaining,reset}-tokens`` headers
+(TPM) and ``x-ratelimit-{limit,remaining,reset}-quota-tokens`` (the monthly quota).
 """
 
 from __future__ import annotations
@@ -98,20 +99,20 @@ class Limits:
 
         if bucket is not None:
             if need.minimum > bucket.capacity:
-                return self._never_fits(
+                return await self._refuse(
                     flow, rc, bucket, now_mono,
                     f"Request too large for plan {plan.name}: it needs at least "
                     f"{need.minimum} tokens, the limit is {plan.tokens_per_minute} tokens per "
                     "minute. Shorten the prompt or lower the output limit.",
-                    "rate_limit_exceeded", 60)
+                    "rate_limit_exceeded", 60, retry=False, plan=plan)
             if plan.clamps:
                 output = min(output, bucket.capacity - need.prompt)
             if (wait := bucket.wait_for(rate(output), now_mono)) > 0:
                 message = (f"Rate limit reached on tokens per minute (TPM): limit "
                            f"{plan.tokens_per_minute}, requested {rate(output)}. "
                            f"Please try again in {openai_duration(wait)}.")
-                self._refuse(flow, rc, message, "rate_limit_exceeded", wait, bucket, now_mono)
-                return
+                return await self._refuse(flow, rc, bucket, now_mono, message,
+                                          "rate_limit_exceeded", wait, plan=plan)
             bucket.take(rate(output), now_mono)  # before any await: see module doc
         account = self.ledger.account(rc.caller.user_id, month_of(now), plan)
         if plan.monthly_tokens and not plan.blocks_at_quota and not account.used_read:
@@ -132,15 +133,15 @@ class Limits:
         if not held:
             self._undo(account, bucket, rate(output))
             if not self.ledger.exhausted(account, least):  # held by requests in flight
-                return self._refuse(
-                    flow, rc, f"Your monthly quota on plan {plan.name} is held by requests "
-                    "in progress. Please try again shortly.", "rate_limit_exceeded",
-                    IDLE_RELEASE, bucket, now_mono)
-            return self._never_fits(
+                return await self._refuse(
+                    flow, rc, bucket, now_mono, f"Your monthly quota on plan {plan.name} is "
+                    "held by requests in progress. Please try again shortly.",
+                    "rate_limit_exceeded", IDLE_RELEASE, account=account)
+            return await self._refuse(
                 flow, rc, bucket, now_mono,
                 f"You exceeded your monthly quota of {plan.monthly_tokens} tokens on plan "
                 f"{plan.name}. Upgrade your plan to continue.", "insufficient_quota",
-                seconds_to_next_month(now))
+                seconds_to_next_month(now), retry=False, account=account)
         taken = rate(output)
         if plan.blocks_at_quota:
             output = min(output, held - need.prompt_bound)
@@ -191,28 +192,44 @@ class Limits:
             bucket = self.buckets[user_id] = TokenBucket(plan.tokens_per_minute, now)
         return bucket
 
-    def _never_fits(self, flow: http.HTTPFlow, rc: context.RequestContext,
-                    bucket: TokenBucket | None, now: float, message: str, code: str,
-                    wait: float) -> None:
-        """A 429 that retrying cannot cure: the openai and anthropic SDKs honour
-        ``x-should-retry: false`` and give up at once instead of retrying for minutes."""
-        self._refuse(flow, rc, message, code, wait, bucket, now)
-        assert flow.response is not None
-        flow.response.headers["x-should-retry"] = "false"
-
-    def _refuse(self, flow: http.HTTPFlow, rc: context.RequestContext, message: str,
-                code: str, wait: float, bucket: TokenBucket | None, now: float) -> None:
-        flow.response = error_response(rc.protocol.error_format, 429, message, code)
-        flow.response.headers["retry-after"] = str(max(1, math.ceil(wait)))
+    async def _refuse(self, flow: http.HTTPFlow, rc: context.RequestContext,
+                      bucket: TokenBucket | None, now: float, message: str, code: str,
+                      wait: float, retry: bool = True, account: Account | None = None,
+                      plan: Plan | None = None) -> None:
+        """A 429 with the headers a success carries (TPM and monthly quota). One that
+        retrying cannot cure says ``x-should-retry: false``: the openai and anthropic SDKs
+        honour it and give up at once instead of retrying for minutes."""
+        if account is None and plan is not None and plan.monthly_tokens:  # before the quota
+            account = await self._read_account(rc.caller.user_id, plan)
+        response = error_response(rc.protocol.error_format, 429, message, code)
+        response.headers["retry-after"] = str(max(1, math.ceil(wait)))
+        if not retry:
+            response.headers["x-should-retry"] = "false"
         if bucket is not None:
-            _rate_headers(flow.response, bucket, now)
+            _rate_headers(response, bucket, now)
+        if account is not None:
+            _quota_headers(response, account, datetime.now(UTC))
+        flow.response = response
+
+    async def _read_account(self, user_id: Any, plan: Plan) -> Account:
+        """The user's account of this month with its used tokens read (if the database
+        answers: else the refusal goes without the quota headers)."""
+        account = self.ledger.account(user_id, month_of(datetime.now(UTC)), plan)
+        try:
+            if not account.used_read:
+                await self.ledger.read_used(account)
+        except PyMongoError as e:
+            logger.warning(f"Reading used tokens of {account.key} failed: {type(e).__name__}")
+        finally:
+            self.ledger.release(account)
+        return account
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rc = context.of(flow)
         if rc is not None and isinstance(rc.hold, Hold) and flow.response is not None:
             if rc.hold.bucket is not None:
                 _rate_headers(flow.response, rc.hold.bucket, time.monotonic())
-            _quota_headers(flow.response, rc.hold.account)
+            _quota_headers(flow.response, rc.hold.account, datetime.now(UTC))
 
     def settled(self, rc: context.RequestContext, outcome: Outcome) -> None:
         """The flow ended (see settle.py): its hold becomes what it was billed."""
@@ -226,14 +243,16 @@ class Limits:
             hold.bucket.adjust(used - hold.bucket_tokens, time.monotonic())
 
 
-def _quota_headers(response: http.Response, account: Account) -> None:
+def _quota_headers(response: http.Response, account: Account, now: datetime) -> None:
     """The month's allowance left, once the account's used tokens are known: what the
     database holds, what this instance settled but has not written, and what requests in
-    flight (this one included) hold."""
+    flight (this one included) hold; it resets when the next month starts."""
     left = quota_left(account.plan, account.used + account.unflushed, account.reserved)
     if left is not None and account.used_read:
         response.headers["x-ratelimit-limit-quota-tokens"] = str(account.plan.monthly_tokens)
         response.headers["x-ratelimit-remaining-quota-tokens"] = str(left)
+        response.headers["x-ratelimit-reset-quota-tokens"] = openai_duration(
+            seconds_to_next_month(now))
 
 
 def _rate_headers(response: http.Response, bucket: TokenBucket, now: float) -> None:
