@@ -11,8 +11,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from bson import Decimal128
-
+from .money import as_decimal128
 from .outcome import PROMPT_ESTIMATE, Outcome
 from .prices import PriceTable
 from .request import RequestContext
@@ -83,7 +82,7 @@ def completion_event(ctx: RequestContext, result: Outcome, prices: PriceTable,
             doc["metering"]["error"] = result.metering_error
     price, cost = prices.price_for(ctx.model), event_cost(ctx, result, prices)
     if price is not None and cost is not None:
-        doc |= {"cost": Decimal128(cost), "currency": prices.currency,
+        doc |= {"cost": as_decimal128(cost), "currency": prices.currency,
                 "price": price.as_document(), "price_version": prices.version}
     return doc
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from bson import Decimal128
 
+from .money import as_decimal128
+
 TOKEN_CLASSES = ("prompt_tokens", "completion_tokens", "cache_read_tokens",
                  "cache_write_tokens", "reasoning_tokens", "cache_write_1h_tokens")
 
@@ -47,7 +49,7 @@ def daily_updates(events: Iterable[dict[str, Any]],
     updates = []
     for _id, (fields, inc) in groups.items():
         if "cost" in inc:
-            inc["cost"] = Decimal128(inc["cost"])
+            inc["cost"] = as_decimal128(inc["cost"])
         updates.append((_id, {"$inc": inc, "$set": {"updated": updated, **fields}}))
     return updates
 

@@ -237,8 +237,20 @@ def _error_message(error: Any) -> str:
     return str(error.get("message") or error.get("type") or error.get("status") or "error")
 
 
+_CONTENT_ONLY_STREAMS = (Protocol.OPENAI_CHAT, Protocol.OPENAI_COMPLETIONS)
+# An OpenAI chunk without these can only carry content: its usage, timings and errors are
+# under these keys, and a key spelled with escapes ("\u0075sage") has a backslash-u.
+_NOT_CONTENT_ONLY = ('"usage"', '"timings"', '"error"', "\\u")
+MAX_DEFERRED = 64 << 10  # characters of content-only events held before they are counted
+
+
 class UsageTracker:
-    """Latest usage of one response, plus delivered-content size for estimates."""
+    """Latest usage of one response, plus delivered-content size for estimates.
+
+    Most events of a stream only carry content, whose size matters only if the response
+    never reports usage. Those of an OpenAI stream are recognised by a substring search
+    and parsed later, if at all (``output_chars``), instead of one by one as they pass.
+    """
 
     def __init__(self, protocol: Protocol) -> None:
         self.protocol = protocol
@@ -246,19 +258,43 @@ class UsageTracker:
         self.usage_final = False  # the usage covers the whole response (not a start value)
         self.finished = False  # the response said it was complete ([DONE], message_stop…)
         self.error: str | None = None  # an error reported inside a 200 response
-        self.output_chars = 0
+        self._output_chars = 0
+        self._deferred: list[str] = []  # content-only events not parsed yet
+        self._deferred_size = 0
+        self._can_defer = protocol in _CONTENT_ONLY_STREAMS
         self.timings: dict[str, Any] | None = None  # llama.cpp's per-request timings
         self.usage_anomaly: str | None = None  # why the reported usage is not trusted
 
+    @property
+    def output_chars(self) -> int:
+        """Characters of delivered content so far."""
+        self._count_deferred()
+        return self._output_chars
+
     def observe_event(self, event: SSEEvent) -> Any:
-        """Take one SSE event; returns its parsed JSON payload (or None)."""
-        if event.data == "[DONE]":
+        """Take one SSE event; returns its parsed JSON payload, or None (not JSON, or a
+        content-only event whose parsing is deferred)."""
+        data = event.data
+        if data == "[DONE]":
             self.finished = True
             return None
-        payload = parse_json(event.data)
+        if self._can_defer and not any(key in data for key in _NOT_CONTENT_ONLY):
+            self._deferred.append(data)
+            self._deferred_size += len(data)
+            if self._deferred_size > MAX_DEFERRED:
+                self._count_deferred()
+            return None
+        payload = parse_json(data)
         if isinstance(payload, dict):
             self._observe(payload, event.event)
         return payload
+
+    def _count_deferred(self) -> None:
+        deferred, self._deferred, self._deferred_size = self._deferred, [], 0
+        for data in deferred:
+            payload = parse_json(data)
+            if isinstance(payload, dict):
+                self._observe(payload, "")
 
     def observe_body(self, body: bytes) -> None:
         """A whole non-streamed body: a JSON object, or a JSON array of them (Gemini's
@@ -315,8 +351,8 @@ class UsageTracker:
             self.error = _error_message(payload["error"])
         for choice in _list(payload.get("choices")):
             if isinstance(choice, dict):
-                self.output_chars += _text_size(choice.get("delta") or choice.get("message"))
-                self.output_chars += _text_size(choice.get("text"))
+                self._output_chars += _text_size(choice.get("delta") or choice.get("message"))
+                self._output_chars += _text_size(choice.get("text"))
 
     def _anthropic(self, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
@@ -327,7 +363,7 @@ class UsageTracker:
             self._take(anthropic_usage, payload["usage"], self.usage)
             self.usage_final = True
         elif kind == "content_block_delta":
-            self.output_chars += _text_size(payload.get("delta"))
+            self._output_chars += _text_size(payload.get("delta"))
         elif kind == "message_stop":
             self.finished = True
         elif kind == "error":
@@ -336,8 +372,8 @@ class UsageTracker:
             if isinstance(payload.get("usage"), dict):
                 self._take(anthropic_usage, payload["usage"])
             for block in _list(payload.get("content")):
-                self.output_chars += _text_size(block)
-                self.output_chars += _text_size(_json_text(_dict(block).get("input")))
+                self._output_chars += _text_size(block)
+                self._output_chars += _text_size(_json_text(_dict(block).get("input")))
 
     def _responses(self, payload: dict[str, Any], event_name: str) -> None:
         kind = "response" if payload.get("object") == "response" else (
@@ -353,10 +389,10 @@ class UsageTracker:
             if kind == "response":  # non-streamed: count its output for the record
                 for item in _list(response.get("output")):
                     for part in _list(_dict(item).get("content")):
-                        self.output_chars += _text_size(part)
-                    self.output_chars += _text_size(_dict(item).get("arguments"))
+                        self._output_chars += _text_size(part)
+                    self._output_chars += _text_size(_dict(item).get("arguments"))
         elif kind.endswith(".delta") and isinstance(payload.get("delta"), str):
-            self.output_chars += len(payload["delta"])
+            self._output_chars += len(payload["delta"])
         elif kind == "error":
             self.error = _error_message(payload.get("error") or payload)
 
@@ -368,8 +404,8 @@ class UsageTracker:
         for candidate in _list(payload.get("candidates")):
             candidate = _dict(candidate)
             for part in _list(_dict(candidate.get("content")).get("parts")):
-                self.output_chars += _text_size(part)
-                self.output_chars += _text_size(_json_text(_dict(part).get("functionCall")))
+                self._output_chars += _text_size(part)
+                self._output_chars += _text_size(_json_text(_dict(part).get("functionCall")))
             if candidate.get("finishReason"):
                 self.finished = True
                 self.usage_final = self.usage is not None
