@@ -14,6 +14,7 @@ from llm_billing.keyauth import KeyAuth
 from llm_billing.limits import Limits
 from llm_billing.meter import Meter
 from llm_billing.quota_alerts import QuotaAlerts
+from llm_billing.reuse_port import ReusePort
 from llm_billing.router import Router
 from llm_billing.settings import Settings
 from llm_billing.settle import Settle
@@ -44,6 +45,7 @@ portal = Portal(database, settings)
 
 addons = [
     ProxyDefaults(),
+    ReusePort(),  # option reuse_port: workers share the listening port (scripts/serve.py)
     SlowClients(),  # every connection: closes the ones slow to send request headers
     settings,
     metrics.gate(),  # /metrics' bearer token, read before KeyAuth strips it

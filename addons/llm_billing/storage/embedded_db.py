@@ -78,11 +78,13 @@ def _die_with_parent() -> None:
 
 
 def start_embedded_db(
-    data_dir: Path, port: int = DEFAULT_PORT, timeout: float = 30.0
+    data_dir: Path, port: int = DEFAULT_PORT, timeout: float = 30.0, own_session: bool = False
 ) -> tuple[str, subprocess.Popen | None]:
     """URI of the embedded database, starting it if nothing listens on ``port``.
 
     Returns the process when this call started it (the caller stops it), else None.
+    ``own_session``: out of the terminal's process group, so a Ctrl-C reaches only the
+    caller, which stops the database after the processes that still write to it.
     """
     if is_listening(port):
         return uri_for(port), None
@@ -91,6 +93,7 @@ def start_embedded_db(
         [sys.executable, "-m", "llm_billing.storage.embedded_db",
          "--data-dir", str(data_dir), "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        start_new_session=own_session,
     )
     deadline = time.monotonic() + timeout
     while not is_listening(port):
