@@ -130,7 +130,10 @@ class StreamMeter:
                            "through unedited", MAX_HELD)
             self._hide = False
             out.append(self._parser.release_pending())
-        return out
+        # One piece per upstream read, as it came: mitmproxy sends each piece of a list as
+        # its own write (and chunk). Never b"": as a chunk, it would end the response.
+        joined = b"".join(out)
+        return joined if joined else []
 
     def _forward(self, block: SSEBlock) -> bytes:
         """The bytes of ``block`` the client gets (empty when hidden)."""
