@@ -141,6 +141,9 @@ def test_user_signs_up_and_upgrades(portal: Proxy, page: Page, db, tmp_path: Pat
     page.fill("input[name=confirm]", password)
     shot("08-signup")
     page.click("text=Create account")
+    page.wait_for_url("**/portal/login")
+    page.fill("input[name=password]", password)  # the email is filled in
+    page.click("button:has-text('Log in')")
     page.wait_for_url("**/portal/me")
     db.billing.users.update_one({"_id": email}, {"$set": {"plan": "free"}})
     page.reload()

@@ -51,6 +51,8 @@ class Portal:
         loader.add_option("portal_signup", bool, False,
                           "Let anyone sign up for a portal account (new users get "
                           "[proxy] default_plan).")
+        loader.add_option("portal_signups_per_hour", int, 5,
+                          "Sign-ups per client address (an IPv6 /64) per hour; 0: no limit.")
         loader.add_option("public_url", str, os.environ.get("LLM_BILLING_PUBLIC_URL", ""),
                           "The proxy's address as clients reach it, for /docs (reverse mode "
                           "rewrites the Host header); default http://localhost:<listen port>.")

@@ -1,5 +1,5 @@
 """Portal accounts (``billing.portal_accounts``): argon2 password hashes, the seed's default
-admin, and the login throttle.
+admin, and the login (and sign-up) throttle.
 
 An account is ``{_id: <email, lower case>, role: "admin" | "user", password_hash,
 user_id (role user: the billing.users id its keys and usage belong to),
@@ -82,8 +82,15 @@ async def find(client: AsyncMongoClient, email: str) -> dict[str, Any] | None:
 async def create(client: AsyncMongoClient, email: str, password: str, role: str,
                  user_id: str | None = None, must_change: bool = False) -> bool:
     """False when the account already exists."""
+    return await create_hashed(client, email, await hash_password(password), role, user_id,
+                               must_change)
+
+
+async def create_hashed(client: AsyncMongoClient, email: str, password_hash: str, role: str,
+                        user_id: str | None = None, must_change: bool = False) -> bool:
+    """``create`` with the password hashed already; False when the account exists."""
     doc = {"_id": normal_email(email), "role": role, "user_id": user_id,
-           "password_hash": await hash_password(password), "must_change_password": must_change,
+           "password_hash": password_hash, "must_change_password": must_change,
            "session_generation": 0, "date_created": now()}
     try:
         await collection(client).insert_one(doc)

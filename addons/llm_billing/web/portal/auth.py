@@ -7,6 +7,12 @@ purpose from elsewhere. Failures of one account from everywhere only slow it dow
 ones would tell the guesser early) waits ``ACCOUNT_DELAY`` first. An attempt counts as a
 failure as soon as it is checked, before the password hash is verified (an await), so a
 burst of concurrent guesses cannot all pass the check; a success takes it back.
+
+Sign-up never tells whether an address has an account: a new one and a known one get the
+same answer (to the login page, "log in with your email and password"), after the same work
+(a password hashed either way); a known address's account is left as it was. Sign-ups are
+limited per client address (option ``portal_signups_per_hour``), every one counting, so
+the limit does not tell either.
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ from ...settings import Settings
 from ...storage.database import Database
 from . import accounts
 from .render import render
-from .session import current_account, form, requires, start_session
+from .session import current_account, end_session, form, requires, start_session
 
 PAIR_FAILURES = 5  # failed logins per account and client address per window
 ADDRESS_FAILURES = 20  # failed logins per client address per window
 ACCOUNT_SLOWDOWN = 10  # failed logins per account per window before attempts wait
 ACCOUNT_DELAY = 2.0  # seconds
 FAILURE_WINDOW = 15 * 60.0
+SIGNUP_WINDOW = 3600.0
+SIGNED_UP = "Your sign-up is done: log in with your email and password."
 
 
 def home_of(account: dict[str, Any]) -> str:
@@ -44,13 +52,17 @@ class AuthPages:
         self.by_pair = accounts.LoginThrottle(PAIR_FAILURES, FAILURE_WINDOW)
         self.by_address = accounts.LoginThrottle(ADDRESS_FAILURES, FAILURE_WINDOW)
         self.by_account = accounts.LoginThrottle(ACCOUNT_SLOWDOWN, FAILURE_WINDOW)
+        self.signups = accounts.LoginThrottle(0, SIGNUP_WINDOW)  # limit: the option's
         self.pause = asyncio.sleep
 
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
             if account := await current_account(request, self.database):
                 return RedirectResponse(home_of(account), 303)
-            return render(request, "login.html", signup=signup_open())
+            signed_up = request.session.pop("signed_up", None)
+            return render(request, "login.html", signup=signup_open(),
+                          email=signed_up if isinstance(signed_up, str) else None,
+                          notice=SIGNED_UP if signed_up else None)
         data = await form(request)
         email = accounts.normal_email(str(data.get("email", "")))[:254]
         password = str(data.get("password", ""))[:1024]
@@ -83,7 +95,7 @@ class AuthPages:
 
     async def logout(self, request: Request) -> Response:
         await form(request)
-        request.session.clear()
+        await end_session(request, self.database)
         return RedirectResponse("/portal/login", 303)
 
     @requires()
@@ -118,7 +130,14 @@ class AuthPages:
             return render(request, "signup.html")
         data = await form(request)
         email = accounts.normal_email(str(data.get("email", "")))[:254]
-        password = str(data.get("password", ""))
+        password = str(data.get("password", ""))[:1024]
+        address = client_network(request.client.host if request.client else "")
+        self.signups.limit = ctx.options.portal_signups_per_hour
+        if self.signups.limit > 0 and (wait := self.signups.wait(address)) > 0:
+            response = render(request, "signup.html", 429, email=email,
+                              error="Too many sign-ups from your address. Try again later.")
+            response.headers["retry-after"] = str(math.ceil(wait))
+            return response
         error = None
         if "@" not in email or any(c.isspace() for c in email):
             error = "Enter a valid email address."
@@ -126,22 +145,29 @@ class AuthPages:
             error = "The passwords differ."
         else:
             error = accounts.password_problem(password, email)
-        client = await self.database.client()
-        if error is None and (
-                await client.billing.users.find_one({"_id": email}) is not None
-                or not await accounts.create(client, email, password, "user", user_id=email)):
-            error = "An account with that email exists; log in instead."
         if error:
             return render(request, "signup.html", 400, email=email, error=error)
+        if self.signups.limit > 0:
+            self.signups.failed(address)  # counted before the first await (a burst)
+        await self._create_user(email, password)
+        request.session["signed_up"] = email
+        return RedirectResponse("/portal/login", 303)
+
+    async def _create_user(self, email: str, password: str) -> None:
+        """A portal account and billing user for a new address; nothing for a known one
+        (a billing user an admin made, or an account), after the same hashing."""
+        client = await self.database.client()
+        password_hash, user = await asyncio.gather(
+            accounts.hash_password(password),
+            client.billing.users.find_one({"_id": email}, {"_id": 1}))
+        if user is not None or not await accounts.create_hashed(client, email, password_hash,
+                                                                "user", user_id=email):
+            return
         config = self.settings.config
         assert config is not None
         await client.billing.users.update_one(
             {"_id": email}, {"$setOnInsert": {"plan": config.default_plan, "email": email,
                                               "date_created": accounts.now()}}, upsert=True)
-        account = await accounts.find(client, email)
-        assert account is not None
-        start_session(request, account)
-        return RedirectResponse("/portal/me", 303)
 
 
 def signup_open() -> bool:

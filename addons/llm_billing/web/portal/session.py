@@ -2,27 +2,38 @@
 tokens, and who is logged in.
 
 The cookie is ``HttpOnly``, ``SameSite=Lax``, limited to ``/portal`` and ``Secure`` when the
-request came over https. It holds the account's email, its session generation and the
-session's CSRF token — nothing secret from its holder. Every POST must carry that token
-(``form()``); a form without it gets 403.
+request came over https. It holds the account's email, its session generation, a random
+session id and the session's CSRF token — nothing secret from its holder. Every POST must
+carry that token (``form()``); a form without it gets 403.
+
+A signed cookie stays valid wherever a copy of it is, so logging out records the session id
+in ``billing.portal_revoked_sessions`` (``RevokedSessions``) and every instance sharing the
+database refuses it from then on. When the database does not answer, the portal answers 503
+(it cannot tell a revoked session from a live one): never a page for a maybe-ended session.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import logging
 import os
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pymongo import AsyncMongoClient
+from pymongo.errors import OperationFailure, PyMongoError
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ...storage.database import Database
@@ -45,6 +56,12 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"same-origin"),
     (b"cache-control", b"no-store"),  # pages show keys and usage: never cached
 ]
+UNAVAILABLE_PAGE = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+                    "<title>Portal unavailable</title><link rel=\"stylesheet\" "
+                    "href=\"/portal/static/portal.css\"></head><body><main><h1>The portal is "
+                    "unavailable</h1><p>Its database does not answer. Try again in a minute."
+                    "</p></main></body></html>")
+UNAVAILABLE_RETRY = "30"  # seconds, Retry-After of the 503
 
 
 def session_secret(data_dir: Path) -> str:
@@ -105,14 +122,26 @@ class Sessions:
                 self.app, self.secret, session_cookie=COOKIE, max_age=MAX_AGE,
                 path="/portal", same_site="lax", https_only=https)
 
+        started = False
+
         async def with_headers(message: dict[str, Any]) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 names = {name.lower() for name, _ in message.get("headers", [])}
                 message["headers"] = [*message.get("headers", []),
                                       *(h for h in SECURITY_HEADERS if h[0] not in names)]
             await send(message)
 
-        await middleware(scope, receive, with_headers)
+        try:
+            await middleware(scope, receive, with_headers)
+        except PyMongoError as e:
+            if started:
+                raise
+            # the session cookie is left as it was (a logout can be tried again)
+            logger.warning(f"Portal: the database did not answer ({type(e).__name__}); 503")
+            await HTMLResponse(UNAVAILABLE_PAGE, 503, {"retry-after": UNAVAILABLE_RETRY})(
+                scope, receive, with_headers)
 
 
 def csrf_token(request: Request) -> str:
@@ -133,21 +162,100 @@ async def form(request: Request) -> FormData:
     return data
 
 
+class RevokedSessions:
+    """Session ids ended by a logout: ``billing.portal_revoked_sessions`` ``{_id: session id,
+    expires}``, the database being the truth for every instance; this process also keeps the
+    ones it has seen (bounded), so a replayed cookie costs it no round trip.
+
+    A cookie is re-signed on every answer, but none is given to a revoked session, so a copy
+    is too old for the cookie's ``max_age`` at most ``MAX_AGE`` after the logout: a TTL index
+    then deletes the record (created at the first logout; idempotent)."""
+
+    COLLECTION = "portal_revoked_sessions"
+    KEEP = timedelta(seconds=MAX_AGE + 300)  # + clocks of instances that differ a little
+    INDEX_CONFLICTS = (85, 86)  # an index on ``expires`` made by hand: kept as it is
+
+    def __init__(self, max_cached: int = 10_000) -> None:
+        self.max_cached = max_cached
+        self._cached: OrderedDict[str, float] = OrderedDict()  # id -> monotonic forget time
+        self._indexed: set[int] = set()  # id() of clients whose TTL index is made
+
+    def cached(self, session_id: str) -> bool:
+        forget = self._cached.get(session_id)
+        if forget is None:
+            return False
+        if forget <= time.monotonic():
+            del self._cached[session_id]
+            return False
+        return True
+
+    def _remember(self, session_id: str) -> None:
+        self._cached[session_id] = time.monotonic() + self.KEEP.total_seconds()
+        self._cached.move_to_end(session_id)
+        while len(self._cached) > self.max_cached:
+            self._cached.popitem(last=False)
+
+    async def is_revoked(self, client: AsyncMongoClient, session_id: str) -> bool:
+        if self.cached(session_id):
+            return True
+        found = await client.billing[self.COLLECTION].find_one({"_id": session_id},
+                                                               {"_id": 1})
+        if found is not None:
+            self._remember(session_id)
+        return found is not None
+
+    async def revoke(self, client: AsyncMongoClient, session_id: str) -> None:
+        self._remember(session_id)  # first: refused here even if the database fails now
+        collection = client.billing[self.COLLECTION]
+        if id(client) not in self._indexed:
+            try:
+                await collection.create_index("expires", expireAfterSeconds=0)
+            except OperationFailure as e:
+                if e.code not in self.INDEX_CONFLICTS:
+                    raise
+                logger.warning(f"Portal: an index on {self.COLLECTION}.expires exists with "
+                               f"other options ({e.code}); revoked sessions may not expire")
+            self._indexed.add(id(client))
+        await collection.update_one({"_id": session_id},
+                                    {"$set": {"expires": accounts.now() + self.KEEP}},
+                                    upsert=True)
+
+
+revoked_sessions = RevokedSessions()
+
+
 def start_session(request: Request, account: dict[str, Any]) -> None:
     """A new session for a login (never the one the browser had: no fixation)."""
     request.session.clear()
     request.session.update({"account": account["_id"],
                             "generation": account.get("session_generation", 0),
+                            "sid": secrets.token_urlsafe(24),
                             "csrf": secrets.token_urlsafe(32)})
 
 
+async def end_session(request: Request, database: Database) -> None:
+    """Log out: the session id is revoked for every copy of the cookie, then forgotten."""
+    session_id = request.session.get("sid")
+    if isinstance(session_id, str):
+        await revoked_sessions.revoke(await database.client(), session_id)
+    request.session.clear()
+
+
 async def current_account(request: Request, database: Database) -> dict[str, Any] | None:
+    """The logged-in account; None (and the session cleared) when the session ended: logged
+    out, the password changed, or issued before sessions had ids (those cannot be revoked)."""
     email = request.session.get("account")
     if not isinstance(email, str):
         return None
-    account = await accounts.find(await database.client(), email)
-    if account is None or account.get("session_generation", 0) != request.session.get(
-            "generation"):
+    session_id = request.session.get("sid")
+    if not isinstance(session_id, str) or revoked_sessions.cached(session_id):
+        request.session.clear()
+        return None
+    client = await database.client()
+    revoked, account = await asyncio.gather(revoked_sessions.is_revoked(client, session_id),
+                                            accounts.find(client, email))
+    if revoked or account is None or account.get("session_generation", 0) != \
+            request.session.get("generation"):
         request.session.clear()
         return None
     return account
