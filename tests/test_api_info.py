@@ -11,12 +11,16 @@ import anthropic
 import httpx
 import openai
 import pytest
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types as genai_types
 
 from conftest import (
     UPSTREAM_KEYS,
     ApiKey,
     Proxy,
     anthropic_client,
+    gemini_client,
     openai_client,
     set_plan,
     usage_doc,
@@ -164,3 +168,43 @@ def test_completions_carry_the_monthly_allowance_left(proxy: Proxy, make_key, db
     raw = openai_client(proxy, unlimited.token).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=MESSAGES)  # the default plan here: enterprise
     assert "x-ratelimit-remaining-quota-tokens" not in raw.headers
+
+
+def test_gemini_models_list_and_get(proxy: Proxy, upstream: FakeUpstream, key: ApiKey, db):
+    """google-genai's models.list() / models.get() — ``GET /v1/models[/{id}]`` (its default
+    API version) and ``/v1beta/models[/{id}]``, its key in ``x-goog-api-key`` — answered by
+    the proxy in Gemini's format, paged, unknown models 404 in Google's error format."""
+    default = gemini_client(proxy, key.token)
+    beta = genai.Client(api_key=key.token, http_options=genai_types.HttpOptions(
+        base_url=proxy.url, api_version="v1beta",
+        retry_options=genai_types.HttpRetryOptions(attempts=1)))
+    names = [f"models/{m}" for m in MODELS]
+    for client in (default, beta):
+        models = list(client.models.list())
+        assert [m.name for m in models] == names
+        assert {tuple(m.supported_actions) for m in models} == {("generateContent",)}
+        assert models[11].display_name == "gemini-*"
+        pager = client.models.list(config={"page_size": 5})
+        assert [m.name for m in pager.page] == names[:5]
+        assert [m.name for m in pager] == names  # follows nextPageToken to the end
+        assert client.models.get(model="gemini-*").name == "models/gemini-*"
+        assert client.models.get(model="models/meta-llama/*").display_name == "meta-llama/*"
+        with pytest.raises(genai_errors.ClientError) as missing:
+            client.models.get(model="no-such-model")
+        assert missing.value.code == 404 and missing.value.status == "NOT_FOUND"
+        assert "models/no-such-model" in missing.value.message
+    stranger = gemini_client(proxy, "not-a-key")
+    with pytest.raises(genai_errors.ClientError) as unauthenticated:
+        stranger.models.list()
+    assert unauthenticated.value.code == 401
+    assert unauthenticated.value.status == "UNAUTHENTICATED"
+    # Gemini's ?key= too; a page token that is not ours: 400 in Google's format
+    response = httpx.get(f"{proxy.url}/v1beta/models", params={"key": key.token,
+                                                               "pageToken": "bm90LW91cnM"})
+    assert response.status_code == 400
+    assert response.json()["error"]["status"] == "INVALID_ARGUMENT"
+    # OpenAI's SDK still gets OpenAI's format at /v1/models
+    assert openai_client(proxy, key.token).models.list().data[0].id == MODELS[0]
+    assert not any(e.path.startswith(("/v1beta/models", "/v1/models"))
+                   for e in upstream.exchanges.values())
+    assert nothing_billed(db, key.user_id)

@@ -2,7 +2,10 @@
 
 - ``GET /v1/models``: the models the configured backends serve (patterns as configured),
   in OpenAI's format, or in Anthropic's (paged) when the request carries
-  ``anthropic-version``; ``GET /v1/models/{id}`` one of them.
+  ``anthropic-version``; ``GET /v1/models/{id}`` one of them. In Gemini's format (and
+  errors in Google's) for google-genai's ``models.list()`` and ``models.get()``: under
+  ``/v1beta``, and under ``/v1`` (the SDK's default version) for a request from Google's
+  SDK (core/api_info.py ``from_google``).
 - ``GET /v1/usage``: the caller's month — tokens by class, requests, cost, plan, quota
   left and the tokens-per-minute bucket — from ``billing.usage`` plus what this instance
   settled but has not written yet (the Limits addon's ledger).
@@ -27,11 +30,14 @@ from pymongo.errors import PyMongoError
 
 from . import context
 from .core.api_info import (
+    GEMINI_MODELS_PATH,
     MODELS_PATH,
     USAGE_PATH,
     anthropic_model,
     anthropic_models,
     api_route,
+    gemini_model,
+    gemini_models,
     listed_models,
     model_in_path,
     openai_model,
@@ -74,7 +80,7 @@ class ApiInfo:
                                            "method_not_allowed")
             flow.response.headers["allow"] = "GET, HEAD"
             return
-        anthropic = fmt == "anthropic"
+        anthropic, gemini = fmt == "anthropic", fmt == "google"
         if rc.path == USAGE_PATH:
             try:
                 flow.response = _json(await self.usage(rc))
@@ -87,17 +93,25 @@ class ApiInfo:
                 flow.response = error_response(fmt, 500, "Usage lookup failed.")
             return
         models = listed_models(config)
+        if gemini and rc.path in (MODELS_PATH, GEMINI_MODELS_PATH):
+            try:
+                flow.response = _json(gemini_models(models, flow.request.query))
+            except ValueError as e:
+                flow.response = error_response(fmt, 400, str(e))
+            return
         if rc.path == MODELS_PATH:
             flow.response = _json(anthropic_models(models, flow.request.query) if anthropic
                                   else openai_models(models))
             return
-        model = model_in_path(rc.path)
+        model = model_in_path(rc.path, gemini)
         if model not in models:
-            flow.response = error_response(
-                fmt, 404, f"The model '{model}' does not exist or you do not have access to "
-                "it.", "model_not_found")
+            version = rc.path.split("/")[1]
+            message = (f"models/{model} is not found for API version {version}." if gemini else
+                       f"The model '{model}' does not exist or you do not have access to it.")
+            flow.response = error_response(fmt, 404, message, "model_not_found")
             return
-        flow.response = _json(anthropic_model(model) if anthropic
+        flow.response = _json(gemini_model(model, models[model]) if gemini
+                              else anthropic_model(model) if anthropic
                               else openai_model(model, models[model]))
 
     async def usage(self, rc: RequestContext) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from pymongo.errors import PyMongoError
 
 from . import context
 from .context import Caller
-from .core.api_info import api_route
+from .core.api_info import api_route, from_google
 from .core.client_limit import ClientRate, client_network
 from .core.config import Config
 from .core.redact import configured_secrets
@@ -138,7 +138,8 @@ class KeyAuth:
         assert config is not None
         path = flow.request.path.partition("?")[0]
         route = config.route_for(path) or api_route(  # the proxy's own API (api_info.py)
-            path, anthropic="anthropic-version" in flow.request.headers)
+            path, anthropic="anthropic-version" in flow.request.headers,
+            google=from_google(flow.request.headers, flow.request.query))
         token = None
         if flow.live:  # the first hook of every request, routed or not: nothing later sees it
             token = extract_token(flow.request, query_key=route is not None
