@@ -29,18 +29,21 @@ def event(payload: dict) -> bytes:
     return chunk(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
 
 
-def stream_events(model: str, chunks: int) -> tuple[list[bytes], bytes]:
-    """The content events and the usage event of one completion."""
+def stream_events(model: str, chunks: int, with_usage: bool) -> tuple[list[bytes], bytes]:
+    """The content events and the usage event of one completion. Asked for usage, OpenAI
+    adds ``"usage":null`` to every other chunk."""
     base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1764500000,
             "model": model, "system_fingerprint": "fp_bench"}
+    tail = {"usage": None} if with_usage else {}
     content = [event({**base, "choices": [{"index": 0, "delta": {"role": "assistant",
                                                                  "content": ""},
-                                           "logprobs": None, "finish_reason": None}]})]
+                                           "logprobs": None, "finish_reason": None}], **tail})]
     content += [event({**base, "choices": [{"index": 0, "delta": {"content": f" tok{i}"},
-                                            "logprobs": None, "finish_reason": None}]})
+                                            "logprobs": None, "finish_reason": None}], **tail})
                 for i in range(chunks - 1)]
     content.append(event({**base, "choices": [{"index": 0, "delta": {},
-                                               "logprobs": None, "finish_reason": "stop"}]}))
+                                               "logprobs": None, "finish_reason": "stop"}],
+                          **tail}))
     usage = event({**base, "choices": [], "usage": {
         "prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks,
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
@@ -53,7 +56,7 @@ DONE = chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 chunks: int, delay: float) -> None:
-    cache: dict[tuple[str, int], tuple[list[bytes], bytes]] = {}
+    cache: dict[tuple[str, int, bool], tuple[list[bytes], bytes]] = {}
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -72,10 +75,10 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 continue
             request = json.loads(body or b"{}")
             model = request.get("model", "gpt-4o-mini")
-            if (model, count) not in cache:
-                cache[model, count] = stream_events(model, count)
-            content, usage = cache[model, count]
-            with_usage = (request.get("stream_options") or {}).get("include_usage")
+            with_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+            if (model, count, with_usage) not in cache:
+                cache[model, count, with_usage] = stream_events(model, count, with_usage)
+            content, usage = cache[model, count, with_usage]
             writer.write(HEAD)
             if pace:
                 for piece in content:

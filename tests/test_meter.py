@@ -10,7 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fake_upstream import anthropic_stream, openai_chat_stream, openai_chat_usage
-from llm_billing.core.stream_meter import StreamMeter, strip_null_usage
+from llm_billing.core.stream_meter import (
+    StreamMeter,
+    strip_null_usage,
+    strip_trailing_null_usage,
+)
 from llm_billing.core.usage import Protocol, Usage
 
 BODY = {"model": "o3-mini", "messages": [{"role": "user", "content": "cache it"}],
@@ -118,6 +122,31 @@ def test_strip_null_usage_only_touches_the_top_level_key():
     first = '{"usage": null, "x": 1}'
     assert strip_null_usage(f"data:{first}\r\n\r\n".encode(), first,
                             {"usage": None, "x": 1}) == b'data:{"x": 1}\r\n\r\n'
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                 max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4), st.booleans())
+def test_the_trailing_null_usage_fast_path_strips_what_the_general_one_does(obj, ascii_only):
+    data = json.dumps({**obj, "usage": None}, separators=(",", ":"), ensure_ascii=ascii_only)
+    raw = f"data: {data}\n\n".encode()
+    fast = strip_trailing_null_usage(raw, data)
+    slow = strip_null_usage(raw, data, json.loads(data))
+    if fast is None:  # not its form (an object whose only key was usage): untouched
+        assert slow == raw or list(json.loads(data)) == ["usage"]
+    else:
+        assert fast[0] == slow and json.loads(fast[1]) == json.loads(data[:-14] + "}")
+
+
+def test_the_fast_path_leaves_anything_uncertain_alone():
+    for data in ['{"usage":null}', '{"a":"x,\\"usage\\":null}', '{"usage":1,"usage":null}',
+                 'not json,"usage":null}', '{"a":{"b":1,"usage":null}']:
+        assert strip_trailing_null_usage(f"data: {data}\n\n".encode(), data) is None, data
 
 
 # --- every provider's usage, whatever the chunking -------------------------------------

@@ -14,7 +14,7 @@ import re
 
 from .decoding import decoder_for
 from .json_stream import JSONSplitter
-from .sse import SSEBlock, SSEParser
+from .sse import SSEBlock, SSEEvent, SSEParser
 from .usage import Protocol, UsageTracker, is_usage_only_chunk, parse_json
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,28 @@ _NULL_USAGE = (
     re.compile(rb',\s*"usage"\s*:\s*null(?=\s*})'),
     re.compile(rb'"usage"\s*:\s*null\s*,\s*'),
 )
+
+
+_TRAILING_NULL_USAGE = ',"usage":null}'
+
+
+def strip_trailing_null_usage(raw: bytes, data: str) -> tuple[bytes, str] | None:
+    """OpenAI's own form, ``{…,"usage":null}``, in one parse: when the rest parses as a
+    non-empty object without ``usage``, the removed text was certainly that top-level
+    member (the rest's last ``}`` closes the object). The block's bytes and data without
+    it; None when not that form (``strip_null_usage`` then decides)."""
+    if not data.endswith(_TRAILING_NULL_USAGE) or "\n" in data:
+        return None
+    rest = data[: -len(_TRAILING_NULL_USAGE)] + "}"
+    payload = parse_json(rest)
+    if not (isinstance(payload, dict) and payload and "usage" not in payload):
+        return None
+    data_bytes = data.encode()
+    offset = raw.find(data_bytes)
+    if offset < 0:
+        return None
+    cut = offset + len(data_bytes) - len(_TRAILING_NULL_USAGE)
+    return raw[:cut] + b"}" + raw[offset + len(data_bytes):], rest
 
 
 def strip_null_usage(raw: bytes, data: str, payload: object) -> bytes:
@@ -145,7 +167,13 @@ class StreamMeter:
         self._dropped_last = False
         if block.event is None:
             return block.raw
+        if stripped := strip_trailing_null_usage(block.raw, block.event.data):
+            raw, data = stripped
+            self.tracker.observe_event(SSEEvent(block.event.event, data, block.event.id))
+            return raw
         payload = self.tracker.observe_event(block.event)
+        if payload is None and '"usage"' in block.event.data:  # deferred, yet usage to strip
+            payload = parse_json(block.event.data)
         if is_usage_only_chunk(payload):
             self._dropped_last = True
             self.hidden += block.raw

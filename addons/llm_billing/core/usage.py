@@ -238,10 +238,19 @@ def _error_message(error: Any) -> str:
 
 
 _CONTENT_ONLY_STREAMS = (Protocol.OPENAI_CHAT, Protocol.OPENAI_COMPLETIONS)
-# An OpenAI chunk without these can only carry content: its usage, timings and errors are
-# under these keys, and a key spelled with escapes ("\u0075sage") has a backslash-u.
-_NOT_CONTENT_ONLY = ('"usage"', '"timings"', '"error"', "\\u")
+_NOT_CONTENT_ONLY = ('"timings"', '"error"', "\\u")
 MAX_DEFERRED = 64 << 10  # characters of content-only events held before they are counted
+
+
+def content_only(data: str) -> bool:
+    """An OpenAI chunk that can only carry content. Its usage, timings and errors are
+    under these keys — ``"usage":null``, in every chunk once usage was asked for, carries
+    none — and a key spelled with escapes (``"\\u0075sage"``) has a backslash-u. Quotes
+    in a JSON string are escaped, so content never holds a quoted key."""
+    if any(key in data for key in _NOT_CONTENT_ONLY):
+        return False
+    usage = data.count('"usage"')
+    return usage == 0 or usage == data.count('"usage":null')
 
 
 class UsageTracker:
@@ -278,7 +287,7 @@ class UsageTracker:
         if data == "[DONE]":
             self.finished = True
             return None
-        if self._can_defer and not any(key in data for key in _NOT_CONTENT_ONLY):
+        if self._can_defer and content_only(data):
             self._deferred.append(data)
             self._deferred_size += len(data)
             if self._deferred_size > MAX_DEFERRED:
