@@ -47,6 +47,9 @@ def _fast_insert_engine(path: str):  # -> SQLiteEngine subclass instance
 async def serve(data_dir: Path, host: str, port: int) -> None:
     from mongoeco.wire import AsyncMongoEcoProxyServer
 
+    from . import mongoeco_fast
+
+    mongoeco_fast.install()
     data_dir.mkdir(parents=True, exist_ok=True)
     engine = _fast_insert_engine(str(data_dir / DB_FILENAME))
     stop = asyncio.Event()
