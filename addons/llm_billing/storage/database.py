@@ -17,6 +17,8 @@ from mitmproxy import ctx, exceptions
 from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure
 
+from .. import background
+from . import indexes
 from .embedded_db import DEFAULT_PORT, start_embedded_db
 from .monitor import DatabaseMonitor
 
@@ -29,6 +31,7 @@ class Database:
         self._ready = asyncio.Event()
         self._embedded: subprocess.Popen | None = None
         self._failure: str | None = None
+        self._indexes: asyncio.Task | None = None  # indexes.ensure, in the background
         self.monitor = DatabaseMonitor()  # failures the driver saw (the metrics)
 
     def load(self, loader) -> None:
@@ -59,6 +62,7 @@ class Database:
                 logger.info(f"Embedded MongoDB (mongoeco) on {uri}, data in {data_dir}/")
             self._client = AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5000,
                                             event_listeners=[self.monitor])
+            self._indexes = asyncio.create_task(indexes.ensure(self._client))
         except Exception as e:  # requests get 503s instead of waiting forever
             self._failure = f"database unavailable: {e}"
             logger.error(f"Cannot start the database: {e}")
@@ -73,6 +77,7 @@ class Database:
         return self._client
 
     async def done(self) -> None:
+        await background.stop(self._indexes)
         if self._client is not None:
             await self._client.close()
         if self._embedded is not None:
