@@ -10,16 +10,19 @@ account's own user id, whatever the query says.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import secrets
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
 from bson.errors import InvalidId
+from pymongo.asynchronous.cursor import AsyncCursor
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 
 from ...core.dates import month_of
 from ...keyauth import token_hash
@@ -32,6 +35,7 @@ from .session import form, requires
 LIST_LIMIT = 500
 EVENTS_LIMIT = 200
 CSV_LIMIT = 50_000
+BATCH = 500  # documents per database batch (and CSV chunk): a few ms of the event loop each
 MAX_EXPIRY_DAYS = 3650
 EVENT_COLUMNS = ("date_created", "user_id", "model", "backend", "path", "status", "stream",
                  "prompt_n", "completion_n", "tokens_billed", "cost", "usage_estimated")
@@ -64,12 +68,47 @@ def new_token() -> str:
 
 
 def csv_response(name: str, header: list[str], rows: list[list[Any]]) -> Response:
+    return Response(csv_text([header]) + csv_text(rows, safe=True),
+                    media_type="text/csv; charset=utf-8", headers=csv_headers(name))
+
+
+def streamed_csv(name: str, header: list[str],
+                 batches: AsyncIterator[list[list[Any]]]) -> StreamingResponse:
+    """A CSV of unbounded length, written a batch at a time: the event loop runs the
+    proxy's streams between two batches instead of waiting for the whole file."""
+    async def chunks() -> AsyncIterator[str]:
+        yield csv_text([header])
+        async for rows in batches:
+            yield csv_text(rows, safe=True)
+            await asyncio.sleep(0)  # batches already fetched would not let the loop run
+    return StreamingResponse(chunks(), media_type="text/csv; charset=utf-8",
+                             headers=csv_headers(name))
+
+
+async def cursor_batches(cursor: AsyncCursor, size: int) -> AsyncIterator[list[dict[str, Any]]]:
+    """The cursor's documents, ``size`` at a time; the server sends them ``size`` at a time
+    too (its default is up to 16 MB, decoded in one go on the event loop)."""
+    batch: list[dict[str, Any]] = []
+    try:
+        async for doc in cursor.batch_size(size):
+            batch.append(doc)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+    finally:
+        await cursor.close()
+
+
+def csv_text(rows: Iterable[Iterable[Any]], safe: bool = False) -> str:
     out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(header)
-    writer.writerows([csv_safe(c) for c in row] for row in rows)
-    return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers={
-        "content-disposition": f'attachment; filename="{name}"'})
+    csv.writer(out).writerows([csv_safe(c) for c in row] if safe else row for row in rows)
+    return out.getvalue()
+
+
+def csv_headers(name: str) -> dict[str, str]:
+    return {"content-disposition": f'attachment; filename="{name}"'}
 
 
 def csv_safe(value: Any) -> str:
@@ -263,13 +302,18 @@ class AdminPages:
         if start or end:
             query["date_created"] = {**({"$gte": start} if start else {}),
                                      **({"$lt": end + timedelta(days=1)} if end else {})}
-        as_csv = params.get("format") == "csv"
         client = await self.database.client()
         cursor = client.billing.events_completion.find(query).sort("date_created", -1)
-        events = await cursor.limit(CSV_LIMIT if as_csv else EVENTS_LIMIT).to_list()
-        if as_csv:
-            return csv_response("events.csv", list(EVENT_COLUMNS),
-                                [[e.get(c) for c in EVENT_COLUMNS] for e in events])
+        if params.get("format") == "csv":
+            return streamed_csv("events.csv", list(EVENT_COLUMNS), event_rows(
+                cursor_batches(cursor.limit(CSV_LIMIT), BATCH)))
+        events = await cursor.limit(EVENTS_LIMIT).to_list()
         return render(request, "events.html", events=events, user=user or "",
                       model=model or "", start=params.get("from", ""),
                       end=params.get("to", ""), limit=EVENTS_LIMIT)
+
+
+async def event_rows(batches: AsyncIterator[list[dict[str, Any]]]
+                     ) -> AsyncIterator[list[list[Any]]]:
+    async for events in batches:
+        yield [[e.get(c) for c in EVENT_COLUMNS] for e in events]

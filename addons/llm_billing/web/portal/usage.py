@@ -22,7 +22,7 @@ from starlette.responses import Response
 from ...core.dates import month_of
 from ...settings import Settings
 from ...storage.database import Database
-from .admin import csv_response, own_user
+from .admin import BATCH, csv_response, own_user
 from .charts import horizontal_bars, stacked_bars
 from .render import render
 from .session import requires
@@ -72,7 +72,7 @@ async def usage_rows(client: AsyncMongoClient, user: str | None,
     if user is not None:
         query["user_id"] = user
     rows: dict[tuple[str, str], Row] = {}
-    async for doc in rollups.find(query):
+    async for doc in rollups.find(query).batch_size(BATCH):  # everyone's: many batches
         row = rows.setdefault((doc["day"], str(doc.get("model"))),
                               Row(doc["day"], str(doc.get("model"))))
         tokens = doc.get("tokens") or doc.get("usage") or {}
