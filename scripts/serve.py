@@ -12,6 +12,9 @@ reuse_port.py). The default is one worker per core this process may run on.
 - Each worker's own directory, ``<data-dir>/worker-<i>``, holds its event journal and
   rejected events: no two workers share a journal. (Journal files are named by process
   and the ledger's instance id is random per process, so these never collide either.)
+- One portal session secret for all workers (a session signed by one is valid on all):
+  ``LLM_BILLING_SESSION_SECRET``, else the one a single proxy keeps in
+  ``<data-dir>/portal_session_secret`` (made once), handed to the workers.
 - Signals: SIGTERM / SIGINT go to every worker; once they have exited (after flushing
   their events), the embedded database is stopped and this exits. SIGHUP (reload the
   config) goes to every worker. A worker or the database that exits by itself stops the
@@ -38,6 +41,7 @@ from llm_billing.storage.embedded_db import (
     is_listening,
     start_embedded_db,
 )
+from llm_billing.web.portal.session import SESSION_SECRET_ENV, session_secret
 
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 ADDONS = ROOT / "addons/llm_billing_proxy.py"
@@ -65,13 +69,13 @@ def leftover_journals(data_dir: Path, workers: int) -> list[Path]:
     return found
 
 
-def start_worker(index: int, port: int, data_dir: Path, uri: str,
+def start_worker(index: int, port: int, data_dir: Path, env: dict[str, str],
                  extra: list[str]) -> subprocess.Popen:
     args = [str(MITMDUMP), "-s", str(ADDONS), "-p", str(port),
             "--set", "reuse_port=true", "--set", "server=false",  # see reuse_port.py
             "--set", f"billing_data_dir={worker_dir(data_dir, index)}", *extra]
     # Own session: a Ctrl-C reaches only us, and we stop workers before the database.
-    return subprocess.Popen(args, env={**os.environ, "MONGODB_URI": uri},
+    return subprocess.Popen(args, env={**os.environ, **env},
                             start_new_session=True, preexec_fn=_die_with_parent)
 
 
@@ -103,6 +107,7 @@ def main() -> int:
         say(f"embedded database on {uri}, data in {args.data_dir}/"
             + ("" if database else " (already running, not ours to stop)"))
 
+    env = {"MONGODB_URI": uri, SESSION_SECRET_ENV: session_secret(args.data_dir)}
     stop_signal: int | None = None
     workers: list[subprocess.Popen] = []
 
@@ -120,7 +125,7 @@ def main() -> int:
     failed = False
     try:
         for index in range(args.workers):
-            workers.append(start_worker(index, args.port, args.data_dir, uri, extra))
+            workers.append(start_worker(index, args.port, args.data_dir, env, extra))
         say(f"{args.workers} workers on port {args.port}: pids "
             + ", ".join(str(w.pid) for w in workers))
         while any(w.poll() is None for w in workers):

@@ -145,6 +145,10 @@ def test_two_workers_share_the_port_and_the_database(tmp_path: Path,
             assert sorted(pid for pid, _ in journals.values()) == sorted(served.pids)
             for token, (_, ids) in journals.items():
                 assert ids == {e["_id"] for e in events if e["ledger"]["instance"] == token}
+            # One portal session secret (a single proxy's file), not one per worker: a
+            # session cookie signed by one worker is valid on the other.
+            assert (served.data / "portal_session_secret").exists()
+            assert not list(served.data.glob("worker-*/portal_session_secret"))
     finally:
         status = served.stop(signal.SIGINT)  # as a Ctrl-C reaches the command alone
     assert status == 0, served.log
