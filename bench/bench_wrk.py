@@ -17,6 +17,9 @@ test and the embedded database on core 1. Targets:
   client asked for usage;
 - ours, hidden usage: the same, the client did not ask (the proxy injects the option
   and hides the usage event — the common case).
+- ours, 2 workers: include_usage, ``scripts/serve.py --workers 2`` (SO_REUSEPORT) on both
+  cores (the load generator and upstream share core 0 with one of them); CPU is the
+  two workers' sum.
 
 CPU per request is read from ``/proc/<pid>/stat`` (user + system, all threads) of the
 proxy and of the database, before and after each row, divided by the requests wrk
@@ -57,6 +60,7 @@ overage = "blocked"
 LOAD_CPU, PROXY_CPU = "0", "1"
 TICKS = os.sysconf("SC_CLK_TCK")
 LONG_STREAM = {"x-bench-chunks": "50", "x-bench-delay-ms": "20"}
+TWO_WORKERS = "ours, 2 workers"
 
 
 def body(include_usage: bool) -> str:
@@ -88,9 +92,11 @@ def pin(pid: int, cpus: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def cpu_seconds(pid: int | None) -> float:
+def cpu_seconds(pid: int | list[int] | None) -> float:
     if pid is None:
         return 0.0
+    if isinstance(pid, list):
+        return sum(cpu_seconds(p) for p in pid)
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
@@ -117,7 +123,7 @@ def wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, f
 
 
 class Target:
-    def __init__(self, name: str, url: str, script: Path, proxy: int | None,
+    def __init__(self, name: str, url: str, script: Path, proxy: int | list[int] | None,
                  database: int | None) -> None:
         self.name, self.url, self.script = name, url, script
         self.proxy, self.database = proxy, database
@@ -130,7 +136,7 @@ def slug(name: str) -> str:
 def measure(target: Target, connections: int, seconds: float, profile: Path | None,
             label: str) -> str:
     spy = None
-    if profile is not None and target.proxy is not None:
+    if profile is not None and isinstance(target.proxy, int):
         spy = subprocess.Popen(["py-spy", "record", "--pid", str(target.proxy), "--rate", "200",
                                 "--format", "raw", "--output", str(profile / f"{label}.txt"),
                                 "--duration", str(int(seconds))],
@@ -189,10 +195,24 @@ def main() -> None:
                   "--set", f"billing_data_dir={tmp}"], tmp / "ours.log", PROXY_CPU,
                  {"MONGODB_URI": mongo_uri, "FAKE_OPENAI_KEY": "sk-bench"})
     procs += [bare, ours]
+    two_workers = None
+    if not args.targets or TWO_WORKERS in args.targets:
+        two_port = free_port()
+        two_workers = spawn([sys.executable, str(ROOT / "scripts/serve.py"), "--workers", "2",
+                             "-p", str(two_port), "--data-dir", str(tmp / "serve"), "-q",
+                             "--set", f"billing_config={config}"], tmp / "serve.log", "0,1",
+                            {"MONGODB_URI": mongo_uri, "FAKE_OPENAI_KEY": "sk-bench"})
+        procs.append(two_workers)
     try:
         for port in (up_port, bare_port, ours_port):
             wait_for_port(port)
+        if two_workers is not None:
+            wait_for_port(two_port, 60)  # the listener opens once a worker is running
         time.sleep(2)  # let our addons finish starting (database client, mode switch)
+        # serve.py's children: the workers (the database is the bench's own)
+        workers = [int(p) for p in Path(f"/proc/{two_workers.pid}/task/{two_workers.pid}"
+                                        "/children").read_text().split()] \
+            if two_workers is not None else []
         path = "/v1/chat/completions"
 
         def targets(headers: dict[str, str]) -> list[Target]:
@@ -205,6 +225,9 @@ def main() -> None:
                             asked, ours.pid, db_pid),
                      Target("ours, hidden usage", f"http://127.0.0.1:{ours_port}{path}",
                             hidden, ours.pid, db_pid)]
+            if two_workers is not None:
+                every.append(Target(TWO_WORKERS, f"http://127.0.0.1:{two_port}{path}", asked,
+                                    workers, db_pid))
             return [t for t in every if not args.targets or t.name in args.targets]
 
         header = ("| target | connections | req/s | p50 ms | p99 ms | proxy CPU ms/req | "
