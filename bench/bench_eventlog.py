@@ -4,10 +4,10 @@
     uv run bench/bench_eventlog.py [--events 100000] [--rate 150] [--seconds 5]
 
 Drives the embedded mongoeco server over the wire with the proxy's own background writers
-at ``--rate`` billed requests per second: ``EventLog.write`` every 50 ms (the events of
-that window: insert + daily rollup), the usage ledger's flush every 500 ms, the keys'
-last use every 2 s and a health ping every 2 s. CPU is read from ``/proc`` of the
-database process (user + system), so other load on the machine barely matters; each
+at ``--rate`` billed requests per second: ``EventLog.write`` every 250 ms (the events of
+that window: insert + daily rollup; event_flush_interval_ms), the usage ledger's flush
+every 500 ms, the keys' last use every 2 s and a health ping every 2 s. CPU is read from
+``/proc`` of the database process (user + system), so other load on the machine barely matters; each
 collection size is filled in big batches first. Also reports the database's CPU per
 document for lone inserts and for batches of 500. With ``--stock`` it runs mongoeco's
 unpatched engine instead (it rescans the collection on every insert: stop it early).
@@ -81,13 +81,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
-async def proxy_traffic(database: Database, log: EventLog, rate: int, seconds: float) -> int:
-    """The proxy's database writes for ``rate`` billed requests a second; events sent."""
+async def proxy_traffic(database: Database, log: EventLog, rate: int, seconds: float,
+                        window: float = 0.25) -> int:
+    """The proxy's database writes for ``rate`` billed requests a second, events written
+    every ``window`` seconds (event_flush_interval_ms); events sent."""
     ledger = QuotaLedger(database, "bench")  # type: ignore[arg-type]
     last_used = KeysLastUsed(database, 2.0)  # type: ignore[arg-type]
     client = await database.client()
     month = datetime.now(UTC).strftime("%Y-%m")
-    window, sent, tick = 0.05, 0, 0
+    sent, tick = 0, 0
     start = time.monotonic()
     while (elapsed := time.monotonic() - start) < seconds:
         batch = [event() for _ in range(round(rate * (elapsed + window)) - sent)]
@@ -99,9 +101,9 @@ async def proxy_traffic(database: Database, log: EventLog, rate: int, seconds: f
         await log.write(batch)
         sent += len(batch)
         tick += 1
-        if tick % 10 == 0:
+        if tick % round(0.5 / window) == 0:
             await ledger.flush()
-        if tick % 40 == 0:
+        if tick % round(2 / window) == 0:
             await last_used.flush()
             await client.admin.command("ping")
         await asyncio.sleep(max(0.0, start + tick * window - time.monotonic()))

@@ -87,8 +87,10 @@ class EventLog:
 
     def load(self, loader) -> None:
         loader.add_option("event_batch_size", int, 500, "Most events written in one batch.")
+        # 250 ms, not less: each write costs the embedded database a fixed ~2 ms of CPU
+        # (insert command + rollup update), so fewer, bigger batches halve its CPU per event.
         loader.add_option(
-            "event_flush_interval_ms", int, 50, "Milliseconds an event may wait for its batch."
+            "event_flush_interval_ms", int, 250, "Milliseconds an event may wait for its batch."
         )
         loader.add_option(
             "event_shutdown_timeout", int, 10,
