@@ -76,3 +76,45 @@ def test_every_single_byte_split_of_openai_stream():
     whole = events(OPENAI, [])
     for cut in range(len(OPENAI)):
         assert events(OPENAI, [cut]) == whole
+
+
+class LineParser(SSEParser):
+    """The line parser alone: the whole-block fast path turned off."""
+
+    def _whole_blocks(self, chunk: bytes, blocks: list) -> bytes:
+        return chunk
+
+
+def both(stream: bytes, cuts: list[int], keep_raw: bool) -> tuple[list, list]:
+    results = []
+    for parser in (SSEParser(keep_raw=keep_raw), LineParser(keep_raw=keep_raw)):
+        blocks, start = [], 0
+        for cut in [*sorted(set(cuts)), len(stream)]:
+            blocks += parser.feed(stream[start:cut])
+            start = cut
+        results.append(blocks + parser.finish())
+    return results[0], results[1]
+
+
+LINES = st.sampled_from([
+    b"data: {\"a\":1}", b"data:x", b"data:", b"data", b"event: delta", b"event:e", b"id: 9",
+    b": comment", b"retry: 5", b"data: caf\xc3\xa9", b"data: \xff", b"", b"\xef\xbb\xbfdata: b"])
+ENDINGS = st.sampled_from([b"\n", b"\n\n", b"\r\n", b"\r", b"\n\n\n"])
+STREAMS = st.lists(st.tuples(LINES, ENDINGS), max_size=12).map(
+    lambda parts: b"".join(line + end for line, end in parts))
+
+
+@settings(max_examples=500, deadline=None)
+@given(STREAMS, st.data(), st.booleans())
+def test_the_whole_block_fast_path_parses_as_the_line_parser(stream: bytes, data, keep_raw):
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=6))
+    fast, lines = both(stream, cuts, keep_raw)
+    assert fast == lines
+
+
+def test_provider_streams_parse_as_the_line_parser_whole_and_cut():
+    for stream in (OPENAI, ANTHROPIC):
+        for keep_raw in (False, True):
+            for cut in range(0, len(stream), 7):
+                fast, lines = both(stream, [cut], keep_raw)
+                assert fast == lines
