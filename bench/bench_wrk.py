@@ -19,7 +19,9 @@ test and the embedded database on core 1. Targets:
   and hides the usage event — the common case).
 - ours, 2 workers: include_usage, ``scripts/serve.py --workers 2`` (SO_REUSEPORT) on both
   cores (the load generator and upstream share core 0 with one of them); CPU is the
-  two workers' sum.
+  two workers' sum;
+- ours + a portal tab: include_usage while a browser-like client, logged in to the portal
+  as the admin, loads the usage page (SVG charts and table) once a second.
 
 CPU per request is read from ``/proc/<pid>/stat`` (user + system, all threads) of the
 proxy and of the database, before and after each row, divided by the requests wrk
@@ -39,9 +41,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import httpx
 from pymongo import MongoClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +65,8 @@ LOAD_CPU, PROXY_CPU = "0", "1"
 TICKS = os.sysconf("SC_CLK_TCK")
 LONG_STREAM = {"x-bench-chunks": "50", "x-bench-delay-ms": "20"}
 TWO_WORKERS = "ours, 2 workers"
+PORTAL_TAB = "ours, include_usage + a portal tab polling usage 1/s"
+ADMIN = ("admin@llm-gateway.io", "bench-admin-password-1")  # LLM_BILLING_ADMIN_PASSWORD
 
 
 def body(include_usage: bool) -> str:
@@ -124,9 +130,26 @@ def wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, f
 
 class Target:
     def __init__(self, name: str, url: str, script: Path, proxy: int | list[int] | None,
-                 database: int | None) -> None:
+                 database: int | None, portal: str | None = None) -> None:
         self.name, self.url, self.script = name, url, script
         self.proxy, self.database = proxy, database
+        self.portal = portal  # a base URL: a browser tab polls its usage page meanwhile
+
+
+def poll_portal(base: str, stop: threading.Event, pages: list[int]) -> None:
+    """A browser tab logged in as the admin, reloading the usage page once a second."""
+    with httpx.Client(base_url=base, timeout=30) as browser:
+        login = browser.get("/portal/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', login.text)
+        assert csrf, login.text
+        response = browser.post("/portal/login", data={
+            "csrf": csrf.group(1), "email": ADMIN[0], "password": ADMIN[1]})
+        assert response.status_code == 303, response.text
+        while not stop.is_set():
+            page = browser.get("/portal/usage")
+            assert page.status_code == 200 and "<svg" in page.text, page.status_code
+            pages.append(1)
+            stop.wait(1.0)
 
 
 def slug(name: str) -> str:
@@ -141,9 +164,18 @@ def measure(target: Target, connections: int, seconds: float, profile: Path | No
                                 "--format", "raw", "--output", str(profile / f"{label}.txt"),
                                 "--duration", str(int(seconds))],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pages: list[int] = []
+    stop = threading.Event()
+    tab = threading.Thread(target=poll_portal, args=(target.portal, stop, pages)) \
+        if target.portal else None
+    if tab is not None:
+        tab.start()
     before = cpu_seconds(target.proxy), cpu_seconds(target.database)
     r = wrk(target.url, target.script, connections, seconds)
     after = cpu_seconds(target.proxy), cpu_seconds(target.database)
+    stop.set()
+    if tab is not None:
+        tab.join()
     if spy is not None:
         spy.wait()
     proxy_ms = (after[0] - before[0]) * 1000 / max(r["requests"], 1)
@@ -153,7 +185,8 @@ def measure(target: Target, connections: int, seconds: float, profile: Path | No
     busy = (after[0] - before[0]) / seconds * 100
     if spy is not None:
         (profile / f"{label}.requests").write_text(str(r["requests"]))
-    return (f"| {target.name} | {connections} | {r['rps']:.0f} | {r['p50']:.1f} | "
+    name = f"{target.name} ({len(pages)} pages)" if target.portal else target.name
+    return (f"| {name} | {connections} | {r['rps']:.0f} | {r['p50']:.1f} | "
             f"{r['p99']:.1f} | {cpu} | {cpu_db} | {busy:.0f} % |")
 
 
@@ -193,7 +226,8 @@ def main() -> None:
     ours = spawn([mitmdump, "-q", "-s", str(ROOT / "addons/llm_billing_proxy.py"),
                   "-p", str(ours_port), "--set", f"billing_config={config}",
                   "--set", f"billing_data_dir={tmp}"], tmp / "ours.log", PROXY_CPU,
-                 {"MONGODB_URI": mongo_uri, "FAKE_OPENAI_KEY": "sk-bench"})
+                 {"MONGODB_URI": mongo_uri, "FAKE_OPENAI_KEY": "sk-bench",
+                  "LLM_BILLING_ADMIN_PASSWORD": ADMIN[1]})
     procs += [bare, ours]
     two_workers = None
     if not args.targets or TWO_WORKERS in args.targets:
@@ -224,7 +258,9 @@ def main() -> None:
                      Target("ours, include_usage", f"http://127.0.0.1:{ours_port}{path}",
                             asked, ours.pid, db_pid),
                      Target("ours, hidden usage", f"http://127.0.0.1:{ours_port}{path}",
-                            hidden, ours.pid, db_pid)]
+                            hidden, ours.pid, db_pid),
+                     Target(PORTAL_TAB, f"http://127.0.0.1:{ours_port}{path}", asked,
+                            ours.pid, db_pid, portal=f"http://127.0.0.1:{ours_port}")]
             if two_workers is not None:
                 every.append(Target(TWO_WORKERS, f"http://127.0.0.1:{two_port}{path}", asked,
                                     workers, db_pid))
