@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from ..storage.database import Database
 if TYPE_CHECKING:
     from ..eventlog import EventLog
     from ..keyauth import KeyAuth
+
+logger = logging.getLogger(__name__)
 
 PATH = "/metrics"
 MAX_MODELS = 200  # distinct model labels; later models count as "other"
@@ -94,11 +97,21 @@ class Metrics:
         self._response_latency = self.added.labels("response")
         self._models: set[str] = set()
         self._per_model: dict[tuple[str, str], _ModelCounters] = {}
+        self._warned_open = False
 
     def load(self, loader) -> None:
         loader.add_option(
             "metrics_token", str, "",
             "Bearer token /metrics requires ('Authorization: Bearer <token>'); empty: open.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "metrics_token" in updated and not ctx.options.metrics_token \
+                and not self._warned_open:
+            self._warned_open = True  # once: at startup, not at every option change
+            logger.warning(f"{PATH} is open: anyone who can reach the proxy's port can read it "
+                           "(requests, models, tokens and costs by model). Protect it with "
+                           "--set metrics_token=<token> (scrapers then send 'Authorization: "
+                           "Bearer <token>') or keep the port off untrusted networks.")
 
     def routes(self) -> list[Route]:
         return [Route(PATH, self.endpoint)]
