@@ -2,8 +2,9 @@
 runs and settled to its real usage after.
 
 Before (``request``): the request's need (core/admission.py) is taken from the user's TPM
-bucket at once — before anything is awaited, so concurrent requests see each other — and
-then held against this instance's lease of a blocking plan's monthly quota (ledger.py).
+bucket at once — before anything is awaited, so concurrent requests see each other — then
+from this instance's lease of the user's TPM bucket shared by every instance (tpm.py), and
+held against its lease of a blocking plan's monthly quota (ledger.py).
 A plan that clamps lowers the request's output limit to what fits; a request that can
 never fit gets a 429 the SDKs do not retry (``x-should-retry: false``); one that must
 wait for the bucket gets a 429 with ``Retry-After``. After (``settled``, from the Settle
@@ -38,6 +39,7 @@ from .errors import error_response
 from .settings import Settings
 from .storage.database import Database
 from .storage.ledger import IDLE_RELEASE, Account, QuotaLedger
+from .storage.tpm import TpmAccount, TpmLeases
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +52,17 @@ class Hold:
     tokens: int  # held against the account (prompt bound + output)
     bucket: TokenBucket | None
     bucket_tokens: int  # taken from the bucket (prompt estimate + output)
+    tpm: TpmAccount | None = None  # the shared TPM lease it was taken from too
 
 
 class Limits:
     def __init__(self, database: Database, settings: Settings) -> None:
         self.settings = settings
         self.ledger = QuotaLedger(database, uuid.uuid4().hex[:12])
-        self.buckets: dict[Any, TokenBucket] = {}
+        self.buckets: dict[Any, TokenBucket] = {}  # this instance's own view of TPM
+        self.tpm = TpmLeases(database)  # TPM across instances
         self._flusher: asyncio.Task | None = None
+        self._tpm_flusher: asyncio.Task | None = None
         self._reading: dict[str, asyncio.Task] = {}  # accounts whose used tokens are read
 
     def load(self, loader) -> None:
@@ -69,10 +74,13 @@ class Limits:
         if self._flusher is None:
             interval = ctx.options.usage_flush_interval_ms / 1000
             self._flusher = asyncio.create_task(self.ledger.run(interval))
+            self._tpm_flusher = asyncio.create_task(self.tpm.run(interval))
 
     async def done(self) -> None:
         await background.stop(self._flusher)
+        await background.stop(self._tpm_flusher)
         await self.ledger.close(timeout=ctx.options.event_shutdown_timeout)
+        await self.tpm.close(timeout=ctx.options.event_shutdown_timeout)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         rc = context.of(flow)
@@ -97,6 +105,7 @@ class Limits:
                 return need.prompt + output
             return need.prompt + min(output, config.reserve_output_tokens)
 
+        leased_tpm: TpmAccount | None = None
         if bucket is not None:
             if need.minimum > bucket.capacity:
                 return await self._refuse(
@@ -108,12 +117,14 @@ class Limits:
             if plan.clamps:
                 output = min(output, bucket.capacity - need.prompt)
             if (wait := bucket.wait_for(rate(output), now_mono)) > 0:
-                message = (f"Rate limit reached on tokens per minute (TPM): limit "
-                           f"{plan.tokens_per_minute}, requested {rate(output)}. "
-                           f"Please try again in {openai_duration(wait)}.")
-                return await self._refuse(flow, rc, bucket, now_mono, message,
-                                          "rate_limit_exceeded", wait, plan=plan)
+                return await self._refuse_tpm(flow, rc, bucket, plan, rate(output), wait)
             bucket.take(rate(output), now_mono)  # before any await: see module doc
+            tpm = self.tpm.account(rc.caller.user_id, plan.tokens_per_minute)
+            if (leased := await self._lease(tpm, rate(output))) is False:  # other instances
+                bucket.adjust(-rate(output), time.monotonic())
+                wait = tpm.wait_for(rate(output), time.time())
+                return await self._refuse_tpm(flow, rc, bucket, plan, rate(output), wait)
+            leased_tpm = tpm if leased else None
         account = self.ledger.account(rc.caller.user_id, month_of(now), plan)
         if plan.monthly_tokens and not plan.blocks_at_quota and not account.used_read:
             self._read_used(account)  # for the quota headers; a lease reads it otherwise
@@ -121,7 +132,7 @@ class Limits:
         try:
             held = await self.ledger.reserve(account, need.prompt_bound + output, least)
         except Exception as e:  # a blocking plan's quota can't be checked: fail closed
-            self._undo(account, bucket, rate(output))
+            self._undo(account, bucket, leased_tpm, rate(output))
             if isinstance(e, PyMongoError):
                 logger.warning(f"Quota check failed ({type(e).__name__}) for {account.key}")
             else:  # e.g. a usage document that is not ours to read: still fail closed
@@ -131,7 +142,7 @@ class Limits:
                                            "shortly.")
             return
         if not held:
-            self._undo(account, bucket, rate(output))
+            self._undo(account, bucket, leased_tpm, rate(output))
             if not self.ledger.exhausted(account, least):  # held by requests in flight
                 return await self._refuse(
                     flow, rc, bucket, now_mono, f"Your monthly quota on plan {plan.name} is "
@@ -147,7 +158,9 @@ class Limits:
             output = min(output, held - need.prompt_bound)
         if bucket is not None and rate(output) < taken:  # clamped: give the rest back
             bucket.adjust(rate(output) - taken, now_mono)
-        rc.hold = Hold(account, held, bucket, rate(output))
+            if leased_tpm is not None:
+                leased_tpm.give(taken - rate(output))
+        rc.hold = Hold(account, held, bucket, rate(output), leased_tpm)
         rc.ledger = {"usage": account.key, "instance": self.ledger.instance}
         self._apply_output_limit(flow, rc, body, need, plan, output)
 
@@ -179,10 +192,24 @@ class Limits:
         finally:
             self._reading.pop(account.key, None)
 
-    def _undo(self, account: Account, bucket: TokenBucket | None, tokens: int) -> None:
+    async def _lease(self, tpm: TpmAccount, tokens: int) -> bool | None:
+        """``tokens`` taken from this instance's lease of the user's shared TPM bucket
+        (True), or not: the bucket lacks them (False), or the database did not answer
+        (None: admitted on this instance's bucket alone, as before TPM was shared)."""
+        try:
+            return await self.tpm.acquire(tpm, tokens)
+        except PyMongoError as e:
+            logger.warning(f"TPM lease for {tpm.key} failed ({type(e).__name__}): "
+                           "this instance's own bucket applies")
+            return None
+
+    def _undo(self, account: Account, bucket: TokenBucket | None, tpm: TpmAccount | None,
+              tokens: int) -> None:
         self.ledger.release(account)
         if bucket is not None:
             bucket.adjust(-tokens, time.monotonic())
+        if tpm is not None:
+            self.tpm.settle(tpm, -tokens)
 
     def _bucket(self, user_id: Any, plan: Plan, now: float) -> TokenBucket | None:
         if not plan.tokens_per_minute:
@@ -206,10 +233,19 @@ class Limits:
         if not retry:
             response.headers["x-should-retry"] = "false"
         if bucket is not None:
-            _rate_headers(response, bucket, now)
+            tpm = self.tpm.accounts.get((rc.caller.user_id, bucket.capacity))
+            _rate_headers(response, bucket, tpm, now)
         if account is not None:
             _quota_headers(response, account, datetime.now(UTC))
         flow.response = response
+
+    async def _refuse_tpm(self, flow: http.HTTPFlow, rc: context.RequestContext,
+                          bucket: TokenBucket, plan: Plan, tokens: int, wait: float) -> None:
+        message = (f"Rate limit reached on tokens per minute (TPM): limit "
+                   f"{plan.tokens_per_minute}, requested {tokens}. "
+                   f"Please try again in {openai_duration(wait)}.")
+        await self._refuse(flow, rc, bucket, time.monotonic(), message,
+                           "rate_limit_exceeded", wait, plan=plan)
 
     async def _read_account(self, user_id: Any, plan: Plan) -> Account:
         """The user's account of this month with its used tokens read (if the database
@@ -228,7 +264,7 @@ class Limits:
         rc = context.of(flow)
         if rc is not None and isinstance(rc.hold, Hold) and flow.response is not None:
             if rc.hold.bucket is not None:
-                _rate_headers(flow.response, rc.hold.bucket, time.monotonic())
+                _rate_headers(flow.response, rc.hold.bucket, rc.hold.tpm, time.monotonic())
             _quota_headers(flow.response, rc.hold.account, datetime.now(UTC))
 
     def settled(self, rc: context.RequestContext, outcome: Outcome) -> None:
@@ -241,6 +277,8 @@ class Limits:
         rc.ledger = {**(rc.ledger or {}), "write": write}  # on its event: see ledger.recover
         if hold.bucket is not None:
             hold.bucket.adjust(used - hold.bucket_tokens, time.monotonic())
+        if hold.tpm is not None:
+            self.tpm.settle(hold.tpm, used - hold.bucket_tokens)
 
 
 def _quota_headers(response: http.Response, account: Account, now: datetime) -> None:
@@ -255,8 +293,14 @@ def _quota_headers(response: http.Response, account: Account, now: datetime) -> 
             seconds_to_next_month(now))
 
 
-def _rate_headers(response: http.Response, bucket: TokenBucket, now: float) -> None:
+def _rate_headers(response: http.Response, bucket: TokenBucket, tpm: TpmAccount | None,
+                  now: float) -> None:
+    """TPM left: this instance's bucket, or less when the shared bucket (as last seen,
+    with this instance's lease) holds less."""
+    level = bucket.level(now)
+    if tpm is not None:
+        level = min(level, tpm.level(time.time()))
     response.headers["x-ratelimit-limit-tokens"] = str(bucket.capacity)
-    response.headers["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(
-        bucket.level(now))))
-    response.headers["x-ratelimit-reset-tokens"] = openai_duration(bucket.reset_after(now))
+    response.headers["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(level)))
+    response.headers["x-ratelimit-reset-tokens"] = openai_duration(
+        max(0.0, (bucket.capacity - level) / bucket.rate))
