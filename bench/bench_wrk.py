@@ -136,20 +136,28 @@ class Target:
         self.portal = portal  # a base URL: a browser tab polls its usage page meanwhile
 
 
-def poll_portal(base: str, stop: threading.Event, pages: list[int]) -> None:
-    """A browser tab logged in as the admin, reloading the usage page once a second."""
-    with httpx.Client(base_url=base, timeout=30) as browser:
-        login = browser.get("/portal/login")
-        csrf = re.search(r'name="csrf" value="([^"]+)"', login.text)
-        assert csrf, login.text
-        response = browser.post("/portal/login", data={
-            "csrf": csrf.group(1), "email": ADMIN[0], "password": ADMIN[1]})
-        assert response.status_code == 303, response.text
+def portal_tab(base: str) -> httpx.Client:
+    """A browser tab logged in as the admin (the login's argon2 hash before the clock)."""
+    browser = httpx.Client(base_url=base, timeout=30)
+    login = browser.get("/portal/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', login.text)
+    assert csrf, login.text
+    response = browser.post("/portal/login", data={
+        "csrf": csrf.group(1), "email": ADMIN[0], "password": ADMIN[1]})
+    assert response.status_code == 303, response.text
+    return browser
+
+
+def poll_usage(browser: httpx.Client, stop: threading.Event, pages: list[int]) -> None:
+    """Reload the usage page (charts and table) once a second until stopped."""
+    try:
         while not stop.is_set():
             page = browser.get("/portal/usage")
             assert page.status_code == 200 and "<svg" in page.text, page.status_code
             pages.append(1)
             stop.wait(1.0)
+    finally:
+        browser.close()
 
 
 def slug(name: str) -> str:
@@ -166,7 +174,7 @@ def measure(target: Target, connections: int, seconds: float, profile: Path | No
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pages: list[int] = []
     stop = threading.Event()
-    tab = threading.Thread(target=poll_portal, args=(target.portal, stop, pages)) \
+    tab = threading.Thread(target=poll_usage, args=(portal_tab(target.portal), stop, pages)) \
         if target.portal else None
     if tab is not None:
         tab.start()
