@@ -4,9 +4,7 @@ mongoeco's own, at a fraction of the CPU per stored event."""
 from __future__ import annotations
 
 import datetime
-import os
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from bson import SON, Decimal128, Int64, ObjectId
@@ -15,8 +13,6 @@ from pymongo import InsertOne, MongoClient
 from pymongo.errors import BulkWriteError
 
 from llm_billing.storage import mongoeco_fast
-
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def an_event(**fields) -> dict:
@@ -78,8 +74,3 @@ def test_insert_outcomes_ordered_and_not(db: MongoClient) -> None:
         microsecond=first["date_created"].microsecond // 1000 * 1000)}  # BSON: ms
     result = db.billing.command({"insert": events.name, "documents": [{"no_id": 1}]})
     assert result["n"] == 1 and events.count_documents({"no_id": 1}) == 1
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
