@@ -44,9 +44,16 @@ def test_proxy_creates_the_indexes_at_startup(proxy: Proxy, db: MongoClient):
 
 
 class FlakyCollection:
-    def __init__(self, failures: list[BaseException]) -> None:
+    def __init__(self, failures: list[BaseException], documents: int = 0) -> None:
         self.failures = failures
+        self.documents = documents
         self.created: list[list[tuple[str, int]]] = []
+
+    async def index_information(self) -> dict[str, Any]:
+        return {"_id_": {"key": [("_id", 1)]}}
+
+    async def estimated_document_count(self) -> int:
+        return self.documents
 
     async def create_index(self, keys: list[tuple[str, int]]) -> str:
         if self.failures:
@@ -89,3 +96,19 @@ def test_an_index_made_by_hand_with_other_options_is_kept(caplog):
     asyncio.run(indexes.ensure(FakeClient(collection), wanted, sleep))  # type: ignore[arg-type]
     assert collection.created == [[("user_id", 1)]]
     assert "exists already (85)" in caplog.text
+
+
+def test_the_embedded_database_indexes_only_small_collections(caplog):
+    async def sleep(seconds: float) -> None:
+        raise AssertionError("a skipped index is not retried")
+
+    wanted = (Index("billing", "usage_daily", (("day", 1),), "test"),)
+    big = FlakyCollection([], documents=indexes.EMBEDDED_BUILD_LIMIT + 1)
+    asyncio.run(indexes.ensure(FakeClient(big), wanted, sleep, embedded=True))  # type: ignore[arg-type]
+    assert big.created == []
+    assert "would stop answering while it indexes 5001 documents" in caplog.text
+    asyncio.run(indexes.ensure(FakeClient(big), wanted, sleep))  # type: ignore[arg-type]
+    assert big.created == [[("day", 1)]]  # a real MongoDB builds without stopping
+    small = FlakyCollection([], documents=indexes.EMBEDDED_BUILD_LIMIT)
+    asyncio.run(indexes.ensure(FakeClient(small), wanted, sleep, embedded=True))  # type: ignore[arg-type]
+    assert small.created == [[("day", 1)]]
