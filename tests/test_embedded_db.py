@@ -74,3 +74,106 @@ def test_insert_outcomes_ordered_and_not(db: MongoClient) -> None:
         microsecond=first["date_created"].microsecond // 1000 * 1000)}  # BSON: ms
     result = db.billing.command({"insert": events.name, "documents": [{"no_id": 1}]})
     assert result["n"] == 1 and events.count_documents({"no_id": 1}) == 1
+
+
+# The direct insert path for the event collections (mongoeco_fast._insert_unrecorded):
+# the same command replies and stored documents as mongoeco's insert_many, in process.
+
+def a_failure(**fields) -> dict:
+    return {"_id": ObjectId(), "date_created": datetime.datetime.now(datetime.UTC),
+            "user_id": "u", "model": "m", "status": 502, "error": "upstream", **fields}
+
+
+def insert_script() -> list[dict]:
+    """Insert commands covering what the event writer sends and how they can fail."""
+    stored, lone = an_event(), an_event(ref=7)
+    return [
+        {"insert": "events", "documents": [stored, an_event(), a_failure()], "ordered": False},
+        {"insert": "events", "documents": [an_event(), stored, an_event(), stored, an_event()],
+         "ordered": False},  # duplicates: errors at their index, the rest stored
+        {"insert": "events", "documents": [an_event(), stored, an_event()]},  # ordered: stops
+        {"insert": "events", "documents": [stored]},
+        {"insert": "events", "documents": [lone]},
+        # a unique secondary index ("ref"): lone, then within batches
+        {"insert": "events", "documents": [an_event(ref=7)]},
+        {"insert": "events", "documents": [an_event(), an_event(ref=7), an_event()],
+         "ordered": False},
+        {"insert": "events", "documents": [an_event(ref=7), an_event()]},
+        {"insert": "events", "documents": [{"no_id": 1}, {"no_id": 2}]},
+        {"insert": "events", "documents": [an_event(_id=[1, 2]), an_event()],
+         "ordered": False},  # an invalid _id: mongoeco's own path (with change records)
+        {"insert": "events", "documents": []},
+        # a validator: the engine refuses the batch, insert_many takes the rest (exact)
+        {"insert": "checked", "documents": [an_event(), an_event(status="x"), an_event()],
+         "ordered": False},
+        {"insert": "checked", "documents": [an_event(), an_event(status="x"), an_event()]},
+    ]
+
+
+def run_script(path: str, unrecorded: set[str], script: list[dict],
+               monkeypatch) -> tuple[list, list, int]:
+    """Replies, stored documents and change records after ``script``."""
+    import asyncio
+    import sqlite3
+
+    from mongoeco import AsyncMongoClient
+    from mongoeco.api._async._database_admin_write_commands import (
+        DatabaseAdminWriteCommandService,
+    )
+
+    from llm_billing.storage.embedded_db import _fast_insert_engine
+
+    monkeypatch.setattr(DatabaseAdminWriteCommandService, "command_insert",
+                        mongoeco_fast.batch_insert)
+
+    async def run() -> tuple[list, list]:
+        engine = _fast_insert_engine(path, frozenset(unrecorded))
+        async with AsyncMongoClient(engine) as client:
+            await client.billing.events.create_index("ref", unique=True, sparse=True)
+            await client.billing.create_collection(
+                "checked", validator={"status": {"$type": "int"}})
+            replies = []
+            for command in script:
+                try:
+                    replies.append(await client.billing.command(command))
+                except Exception as e:  # compared, not hidden
+                    replies.append(repr(e))
+            documents = []
+            for name in ("events", "checked"):
+                async for doc in client.billing[name].find({}).sort("date_created"):
+                    if "no_id" in doc:  # its _id made by the server
+                        del doc["_id"]
+                    documents.append(doc)
+            return replies, documents
+
+    replies, documents = asyncio.run(run())
+    with sqlite3.connect(path) as conn:
+        changes = conn.execute("SELECT COUNT(*) FROM change_outbox_identities").fetchone()[0]
+    return replies, documents, changes
+
+
+def test_unrecorded_inserts_are_insert_many(tmp_path, monkeypatch) -> None:
+    """Same replies (n, writeErrors with index, code, message, key) and same stored
+    documents as mongoeco's insert_many; only the change records differ."""
+    import copy
+
+    script = insert_script()
+    direct, stock = (run_script(str(tmp_path / f"{name}.sqlite3"), unrecorded,
+                                copy.deepcopy(script), monkeypatch)
+                     for name, unrecorded in (("direct", {"billing.events", "billing.checked"}),
+                                              ("stock", set())))
+    (direct_replies, direct_docs, direct_changes), (replies, docs, changes) = direct, stock
+    assert direct_replies == replies
+    assert direct_docs == docs
+    assert [r["n"] for r in replies[:10]] == [3, 3, 1, 0, 1, 0, 2, 0, 2, 1]
+    assert isinstance(replies[10], str)  # no documents: mongoeco's error
+    assert [(r["n"], [e["index"] for e in r["writeErrors"]]) for r in replies[11:]] == \
+        [(2, [1]), (1, [1])]
+    assert [e["index"] for e in replies[1]["writeErrors"]] == [1, 3]
+    assert [e["index"] for e in replies[2]["writeErrors"]] == [1]
+    assert [(e["index"], e["code"]) for e in replies[5]["writeErrors"]] == [(0, 11000)]
+    assert [(e["index"], e["code"]) for e in replies[6]["writeErrors"]] == [(1, 11000)]
+    assert [(e["index"], e["code"]) for e in replies[9]["writeErrors"]] == [(0, 53)]
+    assert len(docs) == 16
+    # the invalid _id's batch and the validator's went mongoeco's path
+    assert (direct_changes, changes) == (1 + 3, 16)

@@ -21,15 +21,26 @@ from pathlib import Path
 
 DEFAULT_PORT = 27117
 DB_FILENAME = "billing.sqlite3"
+# Inserted without a change record (mongoeco_fast.py): the proxy's event collections,
+# written by its event writer only and watched by nobody. ``--record-event-changes``
+# records them again, for a ``watch()`` on them.
+UNRECORDED_COLLECTIONS = frozenset({"billing.events_completion", "billing.events_failed"})
 
 
-def _fast_insert_engine(path: str):  # -> SQLiteEngine subclass instance
+def _fast_insert_engine(path: str, unrecorded_collections: frozenset[str] = frozenset()):
     from mongoeco.engines.sqlite import SQLiteEngine, id_contains_numeric_value
 
     class FastInsertSQLiteEngine(SQLiteEngine):
         """mongoeco 4.11 scans the whole collection to check each inserted ``_id`` for
         numeric equality (1 == 1.0). An ObjectId or string ``_id`` cannot equal a number,
-        so the indexed storage-key check suffices and inserts stay flat as data grows."""
+        so the indexed storage-key check suffices and inserts stay flat as data grows.
+
+        ``unrecorded_collections`` ("db.collection"): their ``insert`` commands write no
+        change record, so a ``watch()`` does not see those inserts (mongoeco_fast.py)."""
+
+        def __init__(self, path: str, unrecorded_collections: frozenset[str]) -> None:
+            super().__init__(path)
+            self.unrecorded_collections = unrecorded_collections
 
         def _validate_document_against_unique_indexes(self, db_name, coll_name, document,
                                                       **kwargs):
@@ -41,17 +52,20 @@ def _fast_insert_engine(path: str):  # -> SQLiteEngine subclass instance
                 db_name, coll_name, document, **kwargs
             )
 
-    return FastInsertSQLiteEngine(path)
+    return FastInsertSQLiteEngine(path, unrecorded_collections)
 
 
-async def serve(data_dir: Path, host: str, port: int) -> None:
+async def serve(data_dir: Path, host: str, port: int, record_event_changes: bool = False) -> None:
     from mongoeco.wire import AsyncMongoEcoProxyServer
 
     from . import mongoeco_fast
 
     mongoeco_fast.install()
     data_dir.mkdir(parents=True, exist_ok=True)
-    engine = _fast_insert_engine(str(data_dir / DB_FILENAME))
+    engine = _fast_insert_engine(
+        str(data_dir / DB_FILENAME),
+        frozenset() if record_event_changes else UNRECORDED_COLLECTIONS,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -114,8 +128,10 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--record-event-changes", action="store_true",
+                        help="change records for inserted events too (for a watch() on them)")
     args = parser.parse_args()
-    asyncio.run(serve(args.data_dir, args.host, args.port))
+    asyncio.run(serve(args.data_dir, args.host, args.port, args.record_event_changes))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,15 @@ from mongoeco.api._async._database_admin_write_commands import (
 from mongoeco.api._async._write_command_validation import write_command_acknowledged
 from mongoeco.api._command_bson import command_boolean
 from mongoeco.core.codec import DocumentCodec, _InternalBsonArray, _InternalBsonDocument
-from mongoeco.errors import BulkWriteError
-from mongoeco.types import WriteCommandResult, WriteErrorEntry
+from mongoeco.core.duplicate_keys import duplicate_key_error, write_error_message
+from mongoeco.core.error_documents import write_error_details
+from mongoeco.core.identity import is_valid_root_document_id
+from mongoeco.errors import BulkWriteError, DuplicateKeyError
+from mongoeco.types import (
+    ObjectId,
+    WriteCommandResult,
+    WriteErrorEntry,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 PLAIN = frozenset({str, float, bool, type(None)})
@@ -80,9 +87,80 @@ def fast_encode(data: Any) -> Any:
         return _original_encode(data)
 
 
+def _command_outcome(details: dict[str, Any]) -> WriteCommandResult:
+    """An ``insert`` command's outcome from a ``BulkWriteError``'s details."""
+    errors = [WriteErrorEntry(index=entry["index"], errmsg=entry["errmsg"],
+                              code=entry.get("code"),
+                              details={k: v for k, v in entry.items()
+                                       if k not in ENTRY_FIELDS} or None)
+              for entry in details["writeErrors"]]
+    return WriteCommandResult(count=details["nInserted"], write_errors=errors)
+
+
+async def _insert_unrecorded(collection: Any, documents: list[dict[str, Any]], *,
+                             ordered: bool, bypass: bool, session: Any) -> WriteCommandResult:
+    """``collection.insert_many``'s outcome, the documents written by the engine's own
+    batch insert (preparation, unique indexes, validator, TTL) without a change record.
+
+    What it skips: the two deep copies of each document (the command's documents are
+    this call's own), the change record (serialised, hashed, compacted) and its dispatch
+    (a lease and a thread per write), the profiler and currentOp entries. The engine stops
+    a batch at its first duplicate (the stored prefix, then the rejected outcome); as
+    ``insert_many``, unordered goes on with the rest. Whatever else the engine raises
+    (nothing was written by that call: one transaction) is left to ``insert_many`` for the
+    documents not yet written, so even rare errors are mongoeco's own."""
+    for document in documents:
+        if "_id" not in document:
+            document["_id"] = DocumentCodec.to_pymongo(ObjectId())
+    internal = [DocumentCodec.to_internal(document) for document in documents]
+    engine = collection._engine
+    context = collection._new_operation_context(session=session)  # publication: DISABLED
+    errors: list[dict[str, Any]] = []  # as in a BulkWriteError's details
+    count = start = 0
+    while start < len(internal):
+        batch = internal[start:]
+        try:
+            outcomes = await engine.insert_documents(
+                collection._db_name, collection._collection_name, batch,
+                bypass_document_validation=bypass,
+                operation_context=context.derive(change_event_index=start))
+        except DuplicateKeyError as error:  # a lone document's secondary unique key
+            if len(batch) != 1:
+                raise
+            outcomes = (error,)
+        except Exception:
+            try:
+                result = await collection.insert_many(documents[start:], ordered=ordered,
+                                                      bypass_document_validation=bypass,
+                                                      session=session)
+                count += len(result.inserted_ids)
+            except BulkWriteError as e:
+                count += e.details["nInserted"]
+                errors += [entry | {"index": entry["index"] + start}
+                           for entry in e.details["writeErrors"]]
+            break
+        for position, outcome in enumerate(outcomes):
+            if isinstance(outcome, DuplicateKeyError) or not outcome:
+                error = (outcome if isinstance(outcome, DuplicateKeyError)
+                         else duplicate_key_error(outcome, "Duplicate key"))
+                errors.append(WriteErrorEntry(
+                    index=start + position, code=error.code, errmsg=write_error_message(error),
+                    details=write_error_details(error), operation=documents[start + position],
+                ).to_document())
+                start += position + 1
+                break
+            count += 1
+        else:
+            break
+        if ordered:
+            break
+    return _command_outcome({"writeErrors": errors, "nInserted": count})
+
+
 async def batch_insert(self: DatabaseAdminWriteCommandService, spec: dict[str, Any], *,
                        session: Any = None) -> Any:
-    """mongoeco's ``insert`` command, its documents written by ``insert_many``."""
+    """mongoeco's ``insert`` command, its documents written by ``insert_many``, or — in
+    the engine's ``unrecorded_collections`` — by ``_insert_unrecorded``."""
     admin = self._admin
     name = admin._require_collection_name(spec.get("insert"), "insert")
     documents = admin._normalize_insert_documents(spec.get("documents"))
@@ -91,18 +169,20 @@ async def batch_insert(self: DatabaseAdminWriteCommandService, spec: dict[str, A
                              "bypassDocumentValidation", numeric=True)
     acknowledged = write_command_acknowledged(spec, dialect=admin._mongodb_dialect.key)
     collection = admin._database.get_collection(name)
+    unrecorded = getattr(collection._engine, "unrecorded_collections", ())
     try:
-        result = await collection.insert_many(documents, ordered=ordered,
-                                              bypass_document_validation=bypass,
-                                              session=session)
-        outcome = WriteCommandResult(count=len(result.inserted_ids))
+        if (f"{collection._db_name}.{name}" in unrecorded and not
+                getattr(session, "in_transaction", False) and
+                all(is_valid_root_document_id(d.get("_id")) for d in documents)):
+            outcome = await _insert_unrecorded(collection, documents, ordered=ordered,
+                                               bypass=bypass, session=session)
+        else:
+            result = await collection.insert_many(documents, ordered=ordered,
+                                                  bypass_document_validation=bypass,
+                                                  session=session)
+            outcome = WriteCommandResult(count=len(result.inserted_ids))
     except BulkWriteError as e:
-        errors = [WriteErrorEntry(index=entry["index"], errmsg=entry["errmsg"],
-                                  code=entry.get("code"),
-                                  details={k: v for k, v in entry.items()
-                                           if k not in ENTRY_FIELDS} or None)
-                  for entry in e.details["writeErrors"]]
-        outcome = WriteCommandResult(count=e.details["nInserted"], write_errors=errors)
+        outcome = _command_outcome(e.details)
     except Exception:
         return await _original_insert(self, spec, session=session)
     return _write_command_result(outcome, acknowledged=acknowledged)
