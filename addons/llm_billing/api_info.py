@@ -8,7 +8,8 @@
   SDK (core/api_info.py ``from_google``).
 - ``GET /v1/usage``: the caller's month — tokens by class, requests, cost, plan, quota
   left and the tokens-per-minute bucket — from ``billing.usage`` plus what this instance
-  settled but has not written yet (the Limits addon's ledger).
+  settled but has not written yet (the Limits addon's ledger); TPM left from the bucket
+  shared by every instance (``billing.tpm``) plus this instance's lease.
 
 KeyAuth authenticates these paths like every API route (core/api_info.py gives them a
 route); nothing here is billed or counted against a limit.
@@ -136,7 +137,7 @@ class ApiInfo:
         cost = costs[0]["cost"] if costs else 0
         cost = cost.to_decimal() if isinstance(cost, Decimal128) else Decimal(str(cost or 0))
         return usage_body(user_id, month, doc, unwritten, plan, cost,
-                          config.prices.currency or None, self._tpm(user_id, plan))
+                          config.prices.currency or None, await self._tpm(user_id, plan))
 
     def _unwritten(self, account: Account | None, doc: dict[str, Any]) -> dict[str, Any]:
         """What this instance settled for the account but ``doc`` does not hold yet."""
@@ -153,15 +154,16 @@ class ApiInfo:
         return {"tokens": tokens, "requests": requests, "reserved": account.reserved,
                 "usage": {name: value for name, value in classes.items() if value}}
 
-    def _tpm(self, user_id: Any, plan) -> dict[str, Any] | None:
+    async def _tpm(self, user_id: Any, plan) -> dict[str, Any] | None:
         if not plan.tokens_per_minute:
             return None
-        bucket, now = self.limits.buckets.get(user_id), time.monotonic()
-        if bucket is None or bucket.capacity != plan.tokens_per_minute:  # none used yet
-            return {"limit": plan.tokens_per_minute, "remaining": plan.tokens_per_minute,
-                    "reset": openai_duration(0)}
-        return {"limit": bucket.capacity, "remaining": max(0, math.floor(bucket.level(now))),
-                "reset": openai_duration(bucket.reset_after(now))}
+        capacity = plan.tokens_per_minute
+        level = await self.limits.tpm.remaining(user_id, capacity)  # shared by all instances
+        bucket = self.limits.buckets.get(user_id)
+        if bucket is not None and bucket.capacity == capacity:  # this instance's own applies too
+            level = min(level, bucket.level(time.monotonic()))
+        return {"limit": capacity, "remaining": max(0, math.floor(level)),
+                "reset": openai_duration(max(0.0, (capacity - level) * 60 / capacity))}
 
 
 def _state(account: Account | None) -> tuple[Any, ...]:
