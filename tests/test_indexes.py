@@ -78,7 +78,8 @@ def test_a_failed_index_is_retried_after_a_pause(caplog):
         pauses.append(seconds)
 
     wanted = (Index("billing", "usage_daily", (("user_id", 1), ("day", 1)), "test"),)
-    asyncio.run(indexes.ensure(FakeClient(collection), wanted, sleep))  # type: ignore[arg-type]
+    asyncio.run(indexes.ensure(FakeClient(collection), wanted, sleep,  # type: ignore[arg-type]
+                               embedded=False))
     assert collection.created == [[("user_id", 1), ("day", 1)]]
     assert pauses == [indexes.FIRST_RETRY, indexes.FIRST_RETRY * 2]
     assert "retrying in 5s" in caplog.text
@@ -93,7 +94,8 @@ def test_an_index_made_by_hand_with_other_options_is_kept(caplog):
 
     wanted = (Index("billing", "usage_daily", (("day", 1),), "test"),
               Index("billing", "other", (("user_id", 1),), "test"))
-    asyncio.run(indexes.ensure(FakeClient(collection), wanted, sleep))  # type: ignore[arg-type]
+    asyncio.run(indexes.ensure(FakeClient(collection), wanted, sleep,  # type: ignore[arg-type]
+                               embedded=False))
     assert collection.created == [[("user_id", 1)]]
     assert "exists already (85)" in caplog.text
 
@@ -107,7 +109,8 @@ def test_the_embedded_database_indexes_only_small_collections(caplog):
     asyncio.run(indexes.ensure(FakeClient(big), wanted, sleep, embedded=True))  # type: ignore[arg-type]
     assert big.created == []
     assert "would stop answering while it indexes 5001 documents" in caplog.text
-    asyncio.run(indexes.ensure(FakeClient(big), wanted, sleep))  # type: ignore[arg-type]
+    asyncio.run(indexes.ensure(FakeClient(big), wanted, sleep,  # type: ignore[arg-type]
+                               embedded=False))
     assert big.created == [[("day", 1)]]  # a real MongoDB builds without stopping
     small = FlakyCollection([], documents=indexes.EMBEDDED_BUILD_LIMIT)
     asyncio.run(indexes.ensure(FakeClient(small), wanted, sleep, embedded=True))  # type: ignore[arg-type]

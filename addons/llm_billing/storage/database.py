@@ -62,8 +62,7 @@ class Database:
                 logger.info(f"Embedded MongoDB (mongoeco) on {uri}, data in {data_dir}/")
             self._client = AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5000,
                                             event_listeners=[self.monitor])
-            self._indexes = asyncio.create_task(indexes.ensure(
-                self._client, embedded=not ctx.options.mongodb_uri))
+            self._indexes = asyncio.create_task(indexes.ensure(self._client))
         except Exception as e:  # requests get 503s instead of waiting forever
             self._failure = f"database unavailable: {e}"
             logger.error(f"Cannot start the database: {e}")

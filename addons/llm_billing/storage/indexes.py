@@ -74,13 +74,20 @@ INDEXES = (
 
 async def ensure(client: AsyncMongoClient, indexes: tuple[Index, ...] = INDEXES,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-                 embedded: bool = False) -> None:
+                 embedded: bool | None = None) -> None:
     """Create ``indexes`` until each exists (or conflicts with one made by hand, or is
-    too big a build for the ``embedded`` database)."""
+    too big a build for an ``embedded`` database; None: ask the server)."""
     missing = list(indexes)
     delay = FIRST_RETRY
     while True:
         failed = []
+        if embedded is None:
+            try:  # by URI too: the tests and other instances share one mongoeco
+                info = await client.admin.command("buildInfo")
+                embedded = info.get("gitVersion") == "mongoeco"
+            except PyMongoError as e:
+                failed = [(index, e) for index in missing]
+                missing = []
         for index in missing:
             collection = client[index.database][index.collection]
             try:
