@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 from bson import SON, Decimal128, Int64, ObjectId
 from mongoeco.core.codec import DocumentCodec
+from mongoeco.types import ObjectId as MongoecoObjectId
 from pymongo import InsertOne, MongoClient
 from pymongo.errors import BulkWriteError
 
@@ -34,6 +35,11 @@ VALUES = [
     {"son": SON([("b", 1), ("a", {"x": Decimal("1.5")})]), "raw": b"\x00\x01", "s": "é"},
     [],
     "plain",
+    {"when": [datetime.datetime(2026, 1, 1, 23, 59, 59, 999999,  # to ms, naive UTC
+                                datetime.timezone(datetime.timedelta(hours=-5))),
+              datetime.datetime(2026, 1, 1, 1, 2, 3, 4567), datetime.datetime.min,
+              datetime.datetime.max]},
+    {"ids": [MongoecoObjectId(), ObjectId(), MongoecoObjectId(b"abcdefghijkl")]},
 ]
 BAD = [{"big": 2**63}, {"deep": [{"big": -(2**63) - 1}]}, {"set": {1, 2}}, {1: "int key"},
        {"ok": 1, "inner": {2: "x"}}]
