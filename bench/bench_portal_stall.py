@@ -4,8 +4,9 @@
     uv run bench/bench_portal_stall.py [--root TREE...] [--events 50000] [--rollups 20000]
 
 Starts the real mitmdump (from ``--root``, default this tree: point it at a worktree of an
-older commit, or several trees, to compare) on a fresh embedded database holding ``--events`` completion
-events of one user and ``--rollups`` daily rollups of this month for many users, then
+older commit, or several trees, to compare) on a fresh embedded database holding
+``--events`` completion events of one user and ``--rollups`` daily rollups of this month
+for many users, then
 streams a long completion through the proxy (the fake upstream sends a chunk every
 ``--chunk-delay`` seconds) and, meanwhile, an admin downloads that user's events CSV and
 then loads the all-users usage page. Reports the largest gap between two chunks of the
