@@ -9,6 +9,11 @@ Each response has ``--chunks`` content events, then — only when the request as
 With a delay the content events are written that many ms apart (an LLM's pace); without,
 the whole stream is written at once. A request may set both for itself with the headers
 ``x-bench-chunks`` and ``x-bench-delay-ms``. ``GET`` answers an empty model list.
+
+A request with ``x-bench-bytes: N`` gets a bulk stream instead: content events (one token
+each) written as fast as the client takes them until at least N bytes of events, then
+usage and ``[DONE]``; the response header ``x-bench-completion-tokens`` says the count
+its usage will report (for checking the bill of a stream the client did not see usage of).
 """
 
 from __future__ import annotations
@@ -52,6 +57,27 @@ def stream_events(model: str, chunks: int, with_usage: bool) -> tuple[list[bytes
 
 
 DONE = chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+BULK_BLOCK = 64 << 10  # bytes of events per write of a bulk stream
+
+
+async def bulk(writer: asyncio.StreamWriter, model: str, size: int, with_usage: bool) -> None:
+    """At least ``size`` bytes of content events, one HTTP chunk of ~64 KiB per write, the
+    same block every time (cheap), then the usage event and ``[DONE]``."""
+    content, usage = stream_events(model, 3, with_usage)
+    one = content[1].split(b"\r\n", 1)[1][:-2]  # the event's bytes, without chunk framing
+    per_block = max(1, BULK_BLOCK // len(one))
+    block = chunk(one * per_block)
+    blocks = -(-size // (len(one) * per_block))
+    tokens = blocks * per_block
+    payload = json.loads(usage.split(b"\r\n", 1)[1][len(b"data: "):-4])
+    payload["usage"].update(completion_tokens=tokens, total_tokens=9 + tokens)
+    usage = event(payload)
+    writer.write(HEAD[:-2] + b"x-bench-completion-tokens: %d\r\n\r\n" % tokens)
+    for _ in range(blocks):
+        writer.write(block)
+        await writer.drain()
+    writer.write((usage if with_usage else b"") + DONE)
+    await writer.drain()
 
 
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -76,6 +102,9 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             request = json.loads(body or b"{}")
             model = request.get("model", "gpt-4o-mini")
             with_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+            if size := int(headers.get(b"x-bench-bytes", 0)):
+                await bulk(writer, model, size, with_usage)
+                continue
             if (model, count, with_usage) not in cache:
                 cache[model, count, with_usage] = stream_events(model, count, with_usage)
             content, usage = cache[model, count, with_usage]
