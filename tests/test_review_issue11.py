@@ -38,9 +38,25 @@ class Accounts:
         return dict(doc) if doc else None
 
 
+class NoRevokedSessions:
+    """billing.portal_revoked_sessions with nobody logged out."""
+
+    async def find_one(self, *args: Any) -> None:
+        return None
+
+
+class Billing:
+    def __init__(self, docs: list[dict[str, Any]]) -> None:
+        self.portal_accounts = Accounts(docs)
+        self.portal_revoked_sessions = NoRevokedSessions()
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+
 class Client:
     def __init__(self, docs: list[dict[str, Any]]) -> None:
-        self.billing = type("Billing", (), {"portal_accounts": Accounts(docs)})()
+        self.billing = Billing(docs)
 
 
 class Database:
