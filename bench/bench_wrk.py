@@ -243,7 +243,8 @@ def main() -> None:
         two_workers = spawn([sys.executable, str(ROOT / "scripts/serve.py"), "--workers", "2",
                              "-p", str(two_port), "--data-dir", str(tmp / "serve"), "-q",
                              "--set", f"billing_config={config}"], tmp / "serve.log", "0,1",
-                            {"MONGODB_URI": mongo_uri, "FAKE_OPENAI_KEY": "sk-bench"})
+                            {"MONGODB_URI": mongo_uri, "FAKE_OPENAI_KEY": "sk-bench",
+                             "LLM_BILLING_ADMIN_PASSWORD": ADMIN[1]})  # whichever is first
         procs.append(two_workers)
     try:
         for port in (up_port, bare_port, ours_port):
