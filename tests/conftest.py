@@ -278,12 +278,13 @@ def wait_for_usage(db: MongoClient, user_id: str, tokens: int, field: str = "tok
         time.sleep(0.05)
 
 
-def wait_for_events(db: MongoClient, user_id: str, count: int,
-                    timeout: float = 15.0) -> list[dict[str, Any]]:
-    """The user's events once ``count`` exist (writes are asynchronous by design)."""
+def wait_for_events(db: MongoClient, user_id: str, count: int, timeout: float = 15.0,
+                    collection: str = "events_completion") -> list[dict[str, Any]]:
+    """The user's events once ``count`` exist (writes are asynchronous by design, and the
+    two event collections are written one after the other)."""
     deadline = time.monotonic() + timeout
     while True:
-        events = list(db.billing.events_completion.find({"user_id": user_id})
+        events = list(db.billing[collection].find({"user_id": user_id})
                       .sort("date_created", 1))
         if len(events) >= count or time.monotonic() > deadline:
             return events

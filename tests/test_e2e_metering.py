@@ -142,7 +142,7 @@ def test_upstream_failure_is_recorded_not_billed(metered: Proxy, key: ApiKey, db
     list(openai_client(metered, key.token).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], stream=True))
     assert len(wait_for_events(db, key.user_id, 1)) == 1
-    [failure] = db.billing.events_failed.find({"user_id": key.user_id})
+    [failure] = wait_for_events(db, key.user_id, 1, collection="events_failed")
     assert failure["status"] == 503 and failure["model"] == "gpt-4o-mini"
     assert "prompt_n" not in failure
 
