@@ -118,3 +118,15 @@ def test_provider_streams_parse_as_the_line_parser_whole_and_cut():
             for cut in range(0, len(stream), 7):
                 fast, lines = both(stream, [cut], keep_raw)
                 assert fast == lines
+
+
+def test_a_data_line_after_an_oversized_one_stays_in_its_event():
+    # Without keep_raw an oversized event's lines are dropped as they come, so nothing is
+    # held: a read starting at its next data line must still not be split off as an event
+    # (it billed a fragment), nor leave the oversized state to swallow the event after it.
+    reads = [b"data: " + b"x" * 40 + b"\n", b'data: {"a":1}\n\ndata: {"b":2}', b"\n\n"]
+    results = []
+    for parser in (SSEParser(max_event_bytes=30), LineParser(max_event_bytes=30)):
+        blocks = [block for read in reads for block in parser.feed(read)] + parser.finish()
+        results.append([block.event for block in blocks])
+    assert results[0] == results[1] == [None, SSEEvent("", '{"b":2}', None)]

@@ -84,7 +84,8 @@ class SSEParser:
         ``event:`` and a ``data:`` line, ``\\n``-terminated — split in C instead of line by
         line. Anything else (and the unterminated rest) is left to the line parser: this
         returns what it should parse."""
-        if self._data or self._event or b"\r" in chunk:
+        # _data_size, not _data: an oversized event's lines are dropped, yet it goes on
+        if self._data_size or self._event or b"\r" in chunk:
             return chunk
         *whole, rest = chunk.split(b"\n\n")
         fields = []
