@@ -114,6 +114,21 @@ def test_garbage_never_raises(stream: bytes, cuts: list[int], hide: bool, protoc
         assert out == stream
 
 
+def test_a_meter_that_fails_passes_the_rest_on_and_never_sends_an_empty_piece():
+    # mitmproxy sends b"" as the chunk that ends the response, in a list too
+    def fail(data: bytes) -> list:
+        raise RuntimeError("a bug")
+
+    meter = chat_meter(hide=True)
+    meter._parser.feed = fail
+    assert meter(b"data: x\n\n") == b"data: x\n\n"  # nothing held: not [b"", ...]
+    assert meter(b"") in (b"", [])  # the end
+    meter = chat_meter(hide=True)
+    assert meter(b"data: {") == []  # held back: unfinished
+    meter._parser.feed = fail
+    assert meter(b'"a":1}\n\n') == b'data: {"a":1}\n\n'
+
+
 def test_strip_null_usage_only_touches_the_top_level_key():
     data = '{"a":{"usage":null},"b":"\\"usage\\":null","usage":null}'
     payload = {"a": {"usage": None}, "b": '"usage":null', "usage": None}

@@ -121,8 +121,10 @@ class StreamMeter:
         except Exception:
             logger.exception("Meter failed; the rest of this stream passes unmetered")
             self._broken = True
-            held = b"".join(b.raw for b in self._parser.finish()) if self._hide else b""
-            return [held, chunk] if self._hide else chunk
+            if not self._hide:
+                return chunk
+            held = b"".join(b.raw for b in self._parser.finish())
+            return held + chunk if held + chunk else []  # never b"": it ends the response
 
     def _pass(self, chunk: bytes) -> bytes | list[bytes]:
         self.response_bytes += len(chunk)
