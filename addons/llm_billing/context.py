@@ -47,10 +47,12 @@ def summarize(flow: http.HTTPFlow, **extra: Any) -> None:
         backend=ctx.backend.name if ctx.backend else None, plan_id=ctx.plan_id,
         path=ctx.path, stream=ctx.stream, usage_injected=ctx.usage_injected,
         prompt_tokens=ctx.prompt_tokens, request_bytes=ctx.request_bytes, started=ctx.started,
-        ids=json_util.dumps({"event_id": ctx.event_id, "user_id": ctx.caller.user_id,
-                             "key_id": ctx.caller.key_id}),
         **extra,
     )
+    if "ids" not in summary:  # fixed once the key is known; extended JSON is not cheap
+        summary["ids"] = json_util.dumps({"event_id": ctx.event_id,
+                                          "user_id": ctx.caller.user_id,
+                                          "key_id": ctx.caller.key_id})
 
 
 def restore(flow: http.HTTPFlow, route: Route, backend: Backend | None) -> RequestContext:
