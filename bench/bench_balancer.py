@@ -70,19 +70,11 @@ def main() -> None:
             sys.exit(f"{tool} is not installed (Debian: apt-get install {tool})")
     tmp = Path(tempfile.mkdtemp(prefix="bench-lb-"))
     mitmdump = str(Path(sys.executable).with_name("mitmdump"))
-    up_port = bw.free_port()
-    procs = [bw.spawn([sys.executable, str(bw.ROOT / "bench/sse_upstream.py"), "--port",
-                       str(up_port)], tmp / "upstream.log", bw.LOAD_CPU)]
-    mongo_uri, db_process = bw.start_embedded_db(tmp / "db", bw.free_port())
+    backend = bw.start_backend(tmp)
+    procs, up_port = backend.processes, backend.upstream_port
+    mongo_uri, db_process, config = backend.mongo_uri, backend.database, backend.config
     db_pid = db_process.pid if db_process is not None else None
     env = {"MONGODB_URI": mongo_uri, "FAKE_OPENAI_KEY": "sk-bench"}
-    config = bw.write_config(tmp / "config.toml", f"http://127.0.0.1:{up_port}",
-                             "http://127.0.0.1:9", bw.BENCH_PLAN)
-    with MongoClient(mongo_uri) as db:
-        db.cgc.api_keys.insert_one({"secret": bw.hashlib.sha256(bw.TOKEN.encode()).hexdigest(),
-                                    "access_level": "COMPLETION", "user_id": "bench",
-                                    "date_expiry": None})
-        db.billing.users.insert_one({"_id": "bench", "plan": "bench"})
 
     reuse_port = bw.free_port()
     serve = bw.spawn([sys.executable, str(bw.ROOT / "scripts/serve.py"), "--workers", "2",
@@ -131,12 +123,7 @@ def main() -> None:
                               f"{f'{per[1]:.2f}' if balancer else '-'} | {per[2]:.2f} |",
                               flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(20)
-        if db_process is not None:
-            db_process.terminate()
+        bw.stop_all(procs, db_process, timeout=20)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Prints Markdown tables. Flat means within ±10 % of the starting value.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 import shutil
 import signal
@@ -42,7 +41,6 @@ from pymongo import MongoClient
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_wrk import (
-    BENCH_PLAN,
     LOAD_CPU,
     PROXY_CPU,
     ROOT,
@@ -50,11 +48,10 @@ from bench_wrk import (
     body,
     free_port,
     lua_script,
-    pin,
     spawn,
-    start_embedded_db,
+    start_backend,
+    stop_all,
     wait_for_port,
-    write_config,
 )
 
 PATH = "/v1/chat/completions"
@@ -236,20 +233,11 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     mitmdump = str(Path(sys.executable).with_name("mitmdump"))
-    up_port, ours_port = free_port(), free_port()
-    procs = [spawn([sys.executable, str(ROOT / "bench/sse_upstream.py"), "--port",
-                    str(up_port)], tmp / "upstream.log", LOAD_CPU)]
-    mongo_uri, db_process = start_embedded_db(tmp / "db", free_port())
+    ours_port = free_port()
+    backend = start_backend(tmp)
+    procs, up_port = backend.processes, backend.upstream_port
+    mongo_uri, db_process, config = backend.mongo_uri, backend.database, backend.config
     db_pid = db_process.pid if db_process is not None else None
-    if db_pid is not None:
-        pin(db_pid, PROXY_CPU)
-    with MongoClient(mongo_uri) as db:
-        db.cgc.api_keys.insert_one({"secret": hashlib.sha256(TOKEN.encode()).hexdigest(),
-                                    "access_level": "COMPLETION", "user_id": "bench",
-                                    "date_expiry": None})
-        db.billing.users.insert_one({"_id": "bench", "plan": "bench"})
-    upstream = f"http://127.0.0.1:{up_port}"
-    config = write_config(tmp / "config.toml", upstream, "http://127.0.0.1:9", BENCH_PLAN)
     ours = spawn([mitmdump, "-q", "-s", str(ROOT / "addons/llm_billing_proxy.py"),
                   "-p", str(ours_port), "--set", f"billing_config={config}",
                   "--set", f"billing_data_dir={tmp}"], tmp / "ours.log", PROXY_CPU,
@@ -266,12 +254,7 @@ def main() -> None:
         if not args.skip_stream:
             stream_scenario(url, tmp, ours.pid, mongo_uri, args.stream_bytes)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
-        if db_process is not None:
-            db_process.terminate()
+        stop_all(procs, db_process)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 from pymongo import MongoClient
@@ -105,6 +106,47 @@ def cpu_seconds(pid: int | list[int] | None) -> float:
         return sum(cpu_seconds(p) for p in pid)
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+class Backend(NamedTuple):
+    """What every bench run starts before its proxies: the upstream (on the load core),
+    the embedded database (pinned to the proxy's core) holding the bench key and user, and
+    a config routing to that upstream."""
+
+    processes: list[subprocess.Popen]  # the upstream; the proxies are added by the run
+    upstream: str
+    upstream_port: int
+    mongo_uri: str
+    database: subprocess.Popen | None
+    config: Path
+
+
+def start_backend(tmp: Path) -> Backend:
+    up_port = free_port()
+    upstream = spawn([sys.executable, str(ROOT / "bench/sse_upstream.py"), "--port",
+                      str(up_port)], tmp / "upstream.log", LOAD_CPU)
+    mongo_uri, database = start_embedded_db(tmp / "db", free_port())
+    if database is not None:
+        pin(database.pid, PROXY_CPU)
+    with MongoClient(mongo_uri) as db:
+        db.cgc.api_keys.insert_one({"secret": hashlib.sha256(TOKEN.encode()).hexdigest(),
+                                    "access_level": "COMPLETION", "user_id": "bench",
+                                    "date_expiry": None})
+        db.billing.users.insert_one({"_id": "bench", "plan": "bench"})
+    url = f"http://127.0.0.1:{up_port}"
+    config = write_config(tmp / "config.toml", url, "http://127.0.0.1:9", BENCH_PLAN)
+    return Backend([upstream], url, up_port, mongo_uri, database, config)
+
+
+def stop_all(processes: list[subprocess.Popen], database: subprocess.Popen | None,
+             timeout: float = 10) -> None:
+    """Stop the proxies and the upstream, then the database (after their last writes)."""
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.wait(timeout)
+    if database is not None:
+        database.terminate()
 
 
 def wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, float]:
@@ -213,21 +255,13 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     mitmdump = str(Path(sys.executable).with_name("mitmdump"))
-    up_port, bare_port, ours_port = free_port(), free_port(), free_port()
-    procs = [spawn([sys.executable, str(ROOT / "bench/sse_upstream.py"), "--port",
-                    str(up_port)], tmp / "upstream.log", LOAD_CPU)]
-    mongo_uri, db_process = start_embedded_db(tmp / "db", free_port())
+    bare_port, ours_port = free_port(), free_port()
+    backend = start_backend(tmp)
+    procs, upstream, up_port = backend.processes, backend.upstream, backend.upstream_port
+    mongo_uri, db_process, config = backend.mongo_uri, backend.database, backend.config
     db_pid = db_process.pid if db_process is not None else None
-    if db_pid is not None:
-        pin(db_pid, PROXY_CPU)
     with MongoClient(mongo_uri) as db:
-        db.cgc.api_keys.insert_one({"secret": hashlib.sha256(TOKEN.encode()).hexdigest(),
-                                    "access_level": "COMPLETION", "user_id": "bench",
-                                    "date_expiry": None})
-        db.billing.users.insert_one({"_id": "bench", "plan": "bench"})
         events_before = db.billing.events_completion.count_documents({"user_id": "bench"})
-    upstream = f"http://127.0.0.1:{up_port}"
-    config = write_config(tmp / "config.toml", upstream, "http://127.0.0.1:9", BENCH_PLAN)
     bare = spawn([mitmdump, "-q", "--mode", f"reverse:{upstream}", "-p", str(bare_port),
                   "--set", "connection_strategy=lazy", "-s", str(ROOT / "bench/stream_all.py")],
                  tmp / "bare.log", PROXY_CPU)
@@ -299,12 +333,7 @@ def main() -> None:
             events = db.billing.events_completion.count_documents({"user_id": "bench"})
         print(f"\nevents stored for our proxy's requests: {events - events_before}")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
-        if db_process is not None:
-            db_process.terminate()
+        stop_all(procs, db_process)
 
 
 if __name__ == "__main__":
