@@ -56,11 +56,10 @@ def _fast_insert_engine(path: str, unrecorded_collections: frozenset[str] = froz
 
 
 async def serve(data_dir: Path, host: str, port: int, record_event_changes: bool = False) -> None:
-    from mongoeco.wire import AsyncMongoEcoProxyServer
-
-    from . import mongoeco_fast
+    from . import mongoeco_fast, mongoeco_wire
 
     mongoeco_fast.install()
+    mongoeco_wire.install()  # and its DriverWireServer: what mongosh needs
     data_dir.mkdir(parents=True, exist_ok=True)
     engine = _fast_insert_engine(
         str(data_dir / DB_FILENAME),
@@ -70,7 +69,7 @@ async def serve(data_dir: Path, host: str, port: int, record_event_changes: bool
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with AsyncMongoEcoProxyServer(engine=engine, host=host, port=port) as server:
+    async with mongoeco_wire.DriverWireServer(engine=engine, host=host, port=port) as server:
         address = server.address
         print(f"embedded MongoDB ready on mongodb://{address.host}:{address.port}", flush=True)
         await stop.wait()
