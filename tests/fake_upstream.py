@@ -375,6 +375,13 @@ def _huge_completion_tokens(event: bytes) -> bytes:
 
 # --- The server --------------------------------------------------------------------------
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a burst of new connections (two proxy workers,
+    # 24 clients) overflowed it and a connect failed (502) on a busy machine. Real
+    # servers listen with a backlog in the hundreds.
+    request_queue_size = 1024
+
+
 class FakeUpstream:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, chunk_delay: float = 0.0):
         self.exchanges: dict[str, Exchange] = {}
@@ -387,7 +394,7 @@ class FakeUpstream:
         class Handler(_Handler):
             fake = upstream
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = _Server((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://{host}:{self.port}"
