@@ -26,6 +26,7 @@ import pytest
 from google import genai
 from google.genai import types as genai_types
 from pymongo import MongoClient
+from stripe_double import StripeDouble
 
 from fake_upstream import FakeUpstream
 from llm_billing.storage.embedded_db import start_embedded_db
@@ -211,6 +212,14 @@ def stop_proxy(proxy: Proxy) -> None:
         proxy.process.wait(20)
     except subprocess.TimeoutExpired:
         proxy.process.kill()
+
+
+@pytest.fixture(scope="module")
+def stripe_double() -> Iterator[StripeDouble]:
+    """The Stripe API double (stripe_double.py), one per test module that asks for it."""
+    double = StripeDouble().start()
+    yield double
+    double.stop()
 
 
 @pytest.fixture(scope="session")

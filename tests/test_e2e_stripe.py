@@ -40,13 +40,6 @@ PROMPT = [{"role": "user", "content": "Hello!"}]
 
 
 @pytest.fixture(scope="module")
-def stripe_double() -> Iterator[StripeDouble]:
-    double = StripeDouble().start()
-    yield double
-    double.stop()
-
-
-@pytest.fixture(scope="module")
 def billing(tmp_path_factory, mongo_uri: str, upstream: FakeUpstream,
             stripe_double: StripeDouble) -> Iterator[Proxy]:
     tmp = tmp_path_factory.mktemp("stripe")

@@ -39,13 +39,6 @@ STRIPE_ENV = {"STRIPE_SECRET_KEY": "sk_test_" + "p" * 24, "STRIPE_WEBHOOK_SECRET
 
 
 @pytest.fixture(scope="module")
-def stripe_double() -> Iterator[StripeDouble]:
-    double = StripeDouble().start()
-    yield double
-    double.stop()
-
-
-@pytest.fixture(scope="module")
 def portal(tmp_path_factory, mongo_uri: str, db, upstream: FakeUpstream,
            stripe_double: StripeDouble) -> Iterator[Proxy]:
     """A fresh install (no portal account yet), sign-up open, Stripe at the double."""

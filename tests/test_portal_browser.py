@@ -28,13 +28,6 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/
 
 
 @pytest.fixture(scope="module")
-def stripe_double() -> Iterator[StripeDouble]:
-    double = StripeDouble().start()
-    yield double
-    double.stop()
-
-
-@pytest.fixture(scope="module")
 def portal(tmp_path_factory, mongo_uri: str, db, upstream: FakeUpstream,
            stripe_double: StripeDouble) -> Iterator[Proxy]:
     db.billing.portal_accounts.delete_many({})  # a fresh install

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -73,13 +73,6 @@ class FakeTime:
             await asyncio.Future()  # until cancelled
         self.now = until
         self.rounds.append(until)
-
-
-@pytest.fixture(scope="module")
-def stripe_double() -> Iterator[StripeDouble]:
-    double = StripeDouble().start()
-    yield double
-    double.stop()
 
 
 def reporter_for(billing: Billing, double: StripeDouble, time: FakeTime) -> StripeReporter:
