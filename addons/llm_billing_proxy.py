@@ -7,6 +7,7 @@ Addons run in this order on each request; README.md ("How it works") walks throu
 
 from llm_billing import proxy_errors
 from llm_billing.api_info import ApiInfo
+from llm_billing.backend_tokenizer import BackendTokenizer
 from llm_billing.defaults import ProxyDefaults
 from llm_billing.eventlog import EventLog
 from llm_billing.finish_upstream import FinishUpstream
@@ -41,7 +42,8 @@ event_log = EventLog(database, settings, limits.ledger)  # journal ↔ usage wri
 health = Health(database, event_log)
 key_auth = KeyAuth(database, settings)
 metrics = Metrics(settings, database, event_log, key_auth)
-portal = Portal(database, settings)
+portal = Portal(database, settings, key_auth)  # the portal's key changes apply at once
+tokenizer = BackendTokenizer()
 
 addons = [
     ProxyDefaults(),
@@ -61,11 +63,13 @@ addons = [
     Router(settings),
     CredentialRedactor(),
     Meter(),
+    tokenizer,  # at shutdown, counts in flight finish before the limits and event log close
     limits,  # after Router (request hook)
     FinishUpstream(),  # after limits: a non-streamed answer is billed even if its client left
     event_log,
     metrics,  # after the limits and the event log: times the send upstream
-    Settle(limits, event_log, metrics),  # the one step that ends a request; feeds them in order
+    # The one step that ends a request; feeds them in order.
+    Settle(limits, event_log, metrics, tokenizer=tokenizer),
     StripeReporter(database, settings),
     QuotaAlerts(database, settings),  # 80 % / 100 % of the monthly quota, to [alerts] url
     database,  # last, so it closes after the event log has flushed

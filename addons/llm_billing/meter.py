@@ -45,4 +45,5 @@ class Meter:
             keep_body="respBody" in needs,
             keep_last="lastChunk" in needs,
             keep_cap=ctx.route.max_body_bytes,
+            keep_text=ctx.tokenizer_input is not None,  # counted by the backend if no usage
         )

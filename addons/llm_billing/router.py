@@ -14,6 +14,7 @@ from typing import Any
 from mitmproxy import http
 
 from . import context
+from .core.backend_tokenizer import COUNTED_PROTOCOLS
 from .core.config import Backend, Config
 from .core.estimate import prompt_size
 from .core.usage import dump_json, parse_json
@@ -100,6 +101,8 @@ class Router:
         ctx.prompt_tokens, ctx.prompt_bound = prompt_size(body)
         ctx.request_bytes = len(flow.request.raw_content or b"")
         ctx.body = body  # the limits may set its output limit
+        if backend.usage_fallback.tokenizer and ctx.protocol in COUNTED_PROTOCOLS:
+            ctx.tokenizer_input = body  # if no usage comes, the backend counts this
         if ctx.protocol.accepts_stream_options and inject_include_usage(body):
             ctx.usage_injected = True
             flow.request.content = dump_json(body)

@@ -5,7 +5,9 @@ SDK hangs up right after ``[DONE]``, before the upstream's end of body, and mitm
 then fires ``error`` only) — ``settle`` computes the flow's final ``Outcome`` exactly
 once and hands that same outcome to every consumer, in order: the limits (the hold
 becomes the billed tokens in the ledger) and the event log. No consumer decides for
-itself whether a flow is finished.
+itself whether a flow is finished. A response without usage whose backend counts
+tokens itself (``usage_fallback``) is handed over once those counts are in
+(backend_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Protocol
 from mitmproxy import http
 
 from . import context
+from .backend_tokenizer import BackendTokenizer
 from .core.expression import EvaluationError, billable
 from .core.outcome import Outcome, settle_usage
 from .core.redact import redact_outcome
@@ -32,8 +35,9 @@ class Consumer(Protocol):
 
 
 class Settle:
-    def __init__(self, *consumers: Consumer) -> None:
+    def __init__(self, *consumers: Consumer, tokenizer: BackendTokenizer | None = None) -> None:
         self.consumers = consumers
+        self.tokenizer = tokenizer  # counts what responses without usage cost
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.settle(flow)
@@ -55,10 +59,19 @@ class Settle:
             rc.meter(hidden.encode())
             rc.meter(b"")
         rc.outcome = redact_outcome(outcome(flow, rc), rc.secrets)  # errors may quote a key
+        if self.tokenizer is not None and self.tokenizer.wants(rc, rc.outcome):
+            # No usage came: the backend counts it, off the stream's path; settled then.
+            self.tokenizer.count_later(rc, rc.outcome, lambda counted: self.feed(flow, rc, counted))
+        else:
+            self.feed(flow, rc, rc.outcome)
+
+    def feed(self, flow: http.HTTPFlow, rc: RequestContext, result: Outcome) -> None:
+        """Hand the flow's final outcome to every consumer, once."""
+        rc.outcome = result
         context.summarize(flow, **_summary(rc))
         for consumer in self.consumers:
             try:
-                consumer.settled(rc, rc.outcome)
+                consumer.settled(rc, result)
             except Exception:  # one consumer's bug must not cost the others their outcome
                 logger.exception(f"{type(consumer).__name__} failed to settle {rc.event_id}")
 

@@ -22,7 +22,7 @@ Settle redacts the error text it records (events, journal, log).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 from mitmproxy import flow as mflow
 from mitmproxy import http
@@ -35,13 +35,16 @@ from .core.redact import HeldErrorBody, Redactor
 REDACTED = "<redacted>"
 
 
-def apply_credential(request: http.Request, auth: UpstreamAuth, value: str) -> None:
+def apply_credential(headers: MutableMapping[str, str], query: MutableMapping[str, str],
+                     auth: UpstreamAuth, value: str) -> None:
+    """Put the credential where the backend wants it: a request's headers or query (a
+    flow's, or a call of the proxy's own to the backend)."""
     if auth.type == "bearer":
-        request.headers["authorization"] = f"Bearer {value}"
+        headers["authorization"] = f"Bearer {value}"
     elif auth.type == "header":
-        request.headers[auth.name] = value
+        headers[auth.name] = value
     elif auth.type == "query":
-        request.query[auth.name] = value
+        query[auth.name] = value
 
 
 def _credentialed(flow: mflow.Flow) -> tuple[http.HTTPFlow, UpstreamAuth] | None:
@@ -80,7 +83,7 @@ class UpstreamCredentials:
         if found := _credentialed(flow):
             _, auth = found
             assert auth.value is not None
-            apply_credential(flow.request, auth, auth.value)
+            apply_credential(flow.request.headers, flow.request.query, auth, auth.value)
 
 
 class CredentialRedactor:
@@ -111,7 +114,7 @@ class CredentialRedactor:
             else request.headers.get("authorization" if auth.type == "bearer" else auth.name)
         )
         if present is not None:
-            apply_credential(request, auth, REDACTED)
+            apply_credential(request.headers, request.query, auth, REDACTED)
 
 
 def hold_error_body(flow: http.HTTPFlow, ctx: context.RequestContext) -> None:

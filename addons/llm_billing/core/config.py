@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .alerts import SECRET_ENV, AlertSettings, parse_alerts
+from .backend_tokenizer import ESTIMATE, UsageFallback, parse_usage_fallback
 from .expression import Expression, ExpressionError, compile_expression
 from .plans import Plan, parse_plans
 from .prices import EMPTY, PriceTable, parse_prices, unpriced_models
@@ -71,6 +72,7 @@ class Backend:
     path_prefix: str
     models: tuple[str, ...]
     auth: UpstreamAuth
+    usage_fallback: UsageFallback = ESTIMATE  # how to bill a response without usage
 
     def serves(self, model: str) -> bool:
         return any(
@@ -248,6 +250,11 @@ def _backend(item: Any, where: str, env: Mapping[str, str], warnings: list[str])
             f"backend {name!r}: environment variable {', '.join(auth.missing_env)} is not set;"
             " its requests are refused until it is"
         )
+    try:
+        fallback = parse_usage_fallback(item.get("usage_fallback", "estimate"),
+                                        f"{where}.usage_fallback")
+    except ConfigValueError as e:
+        raise ConfigError(str(e)) from None
     return Backend(
         name=name,
         scheme=parts.scheme,
@@ -256,6 +263,7 @@ def _backend(item: Any, where: str, env: Mapping[str, str], warnings: list[str])
         path_prefix=parts.path.rstrip("/"),
         models=tuple(models),
         auth=auth,
+        usage_fallback=fallback,
     )
 
 

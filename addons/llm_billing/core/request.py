@@ -41,6 +41,9 @@ class RequestContext:
     prompt_tokens: int = 0  # estimated prompt tokens (what tokens-per-minute holds)
     prompt_bound: int = 0  # at most this many prompt tokens (what a blocking quota holds)
     body: dict[str, Any] | None = None  # the parsed request, until the limits are applied
+    # The parsed request, kept to the end when the backend's tokenizer counts what a
+    # response without usage cost (its backend's usage_fallback).
+    tokenizer_input: dict[str, Any] | None = None
     clamped_output: int | None = None  # the output limit the limits gave the request
     request_bytes: int = 0
     plan: Plan | None = None  # the user's plan (UserPlans)

@@ -80,8 +80,9 @@ class StreamMeter:
 
     def __init__(self, protocol: Protocol, *, sse: bool, content_encoding: str,
                  hide_usage_chunk: bool, keep_all: bool = False, keep_body: bool = False,
-                 keep_last: bool = False, keep_cap: int = MAX_JSON_BODY) -> None:
-        self.tracker = UsageTracker(protocol)
+                 keep_last: bool = False, keep_cap: int = MAX_JSON_BODY,
+                 keep_text: bool = False) -> None:
+        self.tracker = UsageTracker(protocol, keep_text)
         self.response_bytes = 0
         self.hidden = bytearray()  # what we kept from the client (the usage-only chunk)
         self.last_chunk = b""

@@ -240,6 +240,7 @@ def _error_message(error: Any) -> str:
 _CONTENT_ONLY_STREAMS = (Protocol.OPENAI_CHAT, Protocol.OPENAI_COMPLETIONS)
 _NOT_CONTENT_ONLY = ('"timings"', '"error"', "\\u")
 MAX_DEFERRED = 64 << 10  # characters of content-only events held before they are counted
+MAX_KEPT_TEXT = 4 << 20  # characters of delivered content kept for a backend tokenizer
 
 
 def content_only(data: str) -> bool:
@@ -261,7 +262,9 @@ class UsageTracker:
     and parsed later, if at all (``output_chars``), instead of one by one as they pass.
     """
 
-    def __init__(self, protocol: Protocol) -> None:
+    def __init__(self, protocol: Protocol, keep_text: bool = False) -> None:
+        """``keep_text``: also keep the delivered content (up to ``MAX_KEPT_TEXT``
+        characters), for a backend tokenizer to count when no usage comes."""
         self.protocol = protocol
         self.usage: Usage | None = None
         self.usage_final = False  # the usage covers the whole response (not a start value)
@@ -273,12 +276,27 @@ class UsageTracker:
         self._can_defer = protocol in _CONTENT_ONLY_STREAMS
         self.timings: dict[str, Any] | None = None  # llama.cpp's per-request timings
         self.usage_anomaly: str | None = None  # why the reported usage is not trusted
+        self._kept: list[str] | None = [] if keep_text else None
 
     @property
     def output_chars(self) -> int:
         """Characters of delivered content so far."""
         self._count_deferred()
         return self._output_chars
+
+    @property
+    def output_text(self) -> str | None:
+        """The delivered content, if kept and not over ``MAX_KEPT_TEXT``."""
+        self._count_deferred()
+        return None if self._kept is None else "".join(self._kept)
+
+    def _deliver(self, part: Any) -> None:
+        texts = _texts(part)
+        self._output_chars += sum(map(len, texts))
+        if self._kept is not None:
+            self._kept.extend(texts)
+            if self._output_chars > MAX_KEPT_TEXT:
+                self._kept = None  # too long to send to a tokenizer: estimated instead
 
     def observe_event(self, event: SSEEvent) -> Any:
         """Take one SSE event; returns its parsed JSON payload, or None (not JSON, or a
@@ -360,8 +378,8 @@ class UsageTracker:
             self.error = _error_message(payload["error"])
         for choice in _list(payload.get("choices")):
             if isinstance(choice, dict):
-                self._output_chars += _text_size(choice.get("delta") or choice.get("message"))
-                self._output_chars += _text_size(choice.get("text"))
+                self._deliver(choice.get("delta") or choice.get("message"))
+                self._deliver(choice.get("text"))
 
     def _anthropic(self, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
@@ -372,7 +390,7 @@ class UsageTracker:
             self._take(anthropic_usage, payload["usage"], self.usage)
             self.usage_final = True
         elif kind == "content_block_delta":
-            self._output_chars += _text_size(payload.get("delta"))
+            self._deliver(payload.get("delta"))
         elif kind == "message_stop":
             self.finished = True
         elif kind == "error":
@@ -381,8 +399,8 @@ class UsageTracker:
             if isinstance(payload.get("usage"), dict):
                 self._take(anthropic_usage, payload["usage"])
             for block in _list(payload.get("content")):
-                self._output_chars += _text_size(block)
-                self._output_chars += _text_size(_json_text(_dict(block).get("input")))
+                self._deliver(block)
+                self._deliver(_json_text(_dict(block).get("input")))
 
     def _responses(self, payload: dict[str, Any], event_name: str) -> None:
         kind = "response" if payload.get("object") == "response" else (
@@ -398,10 +416,10 @@ class UsageTracker:
             if kind == "response":  # non-streamed: count its output for the record
                 for item in _list(response.get("output")):
                     for part in _list(_dict(item).get("content")):
-                        self._output_chars += _text_size(part)
-                    self._output_chars += _text_size(_dict(item).get("arguments"))
+                        self._deliver(part)
+                    self._deliver(_dict(item).get("arguments"))
         elif kind.endswith(".delta") and isinstance(payload.get("delta"), str):
-            self._output_chars += len(payload["delta"])
+            self._deliver(payload["delta"])
         elif kind == "error":
             self.error = _error_message(payload.get("error") or payload)
 
@@ -413,8 +431,8 @@ class UsageTracker:
         for candidate in _list(payload.get("candidates")):
             candidate = _dict(candidate)
             for part in _list(_dict(candidate.get("content")).get("parts")):
-                self._output_chars += _text_size(part)
-                self._output_chars += _text_size(_json_text(_dict(part).get("functionCall")))
+                self._deliver(part)
+                self._deliver(_json_text(_dict(part).get("functionCall")))
             if candidate.get("finishReason"):
                 self.finished = True
                 self.usage_final = self.usage is not None
@@ -424,18 +442,16 @@ def _json_text(value: Any) -> str:
     return json.dumps(value) if value is not None else ""
 
 
-def _text_size(part: Any) -> int:
-    """Characters of generated content in a message, delta or content block."""
+def _texts(part: Any) -> list[str]:
+    """The generated content in a message, delta or content block."""
     if isinstance(part, str):
-        return len(part)
+        return [part]
     if not isinstance(part, dict):
-        return 0
-    size = 0
-    for key in ("content", "text", "reasoning_content", "thinking", "partial_json", "arguments"):
-        value = part.get(key)
-        if isinstance(value, str):
-            size += len(value)
+        return []
+    texts = [value for key in ("content", "text", "reasoning_content", "thinking",
+                               "partial_json", "arguments")
+             if isinstance(value := part.get(key), str)]
     for call in _list(part.get("tool_calls")):
         if isinstance(call, dict):
-            size += _text_size(call.get("function"))
-    return size
+            texts += _texts(call.get("function"))
+    return texts
