@@ -50,7 +50,8 @@ class BackendTokenizer:
         self._warned: set[str] = set()
 
     def wants(self, rc: RequestContext, outcome: Outcome) -> bool:
-        """Whether this settled flow's usage is for the backend to count."""
+        """Whether this settled flow's usage is for the backend to count. A backend
+        whose complete response carries no usage is named in the log, once."""
         meter = rc.meter
         if meter is None or rc.backend is None or outcome.usage is None:
             return False
@@ -60,6 +61,7 @@ class BackendTokenizer:
         if outcome.complete:
             self._warn_once(rc.backend)
         return (rc.tokenizer_input is not None and rc.protocol in COUNTED_PROTOCOLS
+                and not rc.replayed  # offline re-billing stays offline: estimated
                 and tracker.output_text is not None)
 
     def count_later(self, rc: RequestContext, outcome: Outcome,
