@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
+from llm_billing.backend_tokenizer import BackendTokenizer
 from llm_billing.core.backend_tokenizer import (
     METHOD,
     CountedUsage,
@@ -17,8 +21,11 @@ from llm_billing.core.backend_tokenizer import (
     usage_calls,
 )
 from llm_billing.core.config import ConfigError, parse_config
+from llm_billing.core.outcome import Outcome
+from llm_billing.core.request import Caller, RequestContext
 from llm_billing.core.sse import SSEParser
-from llm_billing.core.usage import MAX_KEPT_TEXT, Protocol, UsageTracker
+from llm_billing.core.stream_meter import StreamMeter
+from llm_billing.core.usage import MAX_KEPT_TEXT, Protocol, Usage, UsageTracker
 
 CHAT = Protocol.OPENAI_CHAT
 COMPLETIONS = Protocol.OPENAI_COMPLETIONS
@@ -186,3 +193,69 @@ def test_the_tracker_keeps_delivered_text_only_when_asked_and_up_to_a_cap():
     huge = UsageTracker(Protocol.OPENAI_COMPLETIONS, keep_text=True)
     huge.observe_body(b'{"choices":[{"text":"' + b"x" * (MAX_KEPT_TEXT + 1) + b'"}]}')
     assert huge.output_text is None and huge.output_chars == MAX_KEPT_TEXT + 1
+
+
+# --- the addon: whatever the backend answers, the flow is settled exactly once ----------
+
+def settled_outcome(answer: Callable[[httpx.Request], httpx.Response], template: str,
+                    secrets: tuple[str, ...] = ()) -> list[Outcome]:
+    """Settle one streamed llama-cpp-python chat without usage through BackendTokenizer,
+    its backend answering with ``answer``; the outcomes handed to settle."""
+    config = parse_config(f'''
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9"
+models = ["m"]
+usage_fallback = {{ type = "tokenize", api = "llama-cpp-python", chat_template = "{template}" }}
+''', {})
+    backend = config.backends[0]
+    rc = RequestContext(Caller("k", "u"), config.routes["/v1/chat/completions"],
+                        "/v1/chat/completions", backend=backend, model="m", secrets=secrets,
+                        tokenizer_input={"model": "m", "messages": MESSAGES})
+    rc.meter = StreamMeter(CHAT, sse=True, content_encoding="", hide_usage_chunk=False,
+                           keep_text=True)
+    rc.meter(b'data: {"choices":[{"delta":{"content":"Hello"}}]}\n\ndata: [DONE]\n\n')
+    rc.meter(b"")
+    estimate = Outcome(status=200, usage=Usage(3, 2), estimated=True,
+                       estimate_method="output: delivered characters/4", complete=True)
+    tokenizer = BackendTokenizer(httpx.MockTransport(answer))
+    results: list[Outcome] = []
+
+    async def go() -> None:
+        assert tokenizer.wants(rc, estimate)
+        tokenizer.count_later(rc, estimate, results.append)
+        await tokenizer.done()
+
+    asyncio.run(go())
+    return results
+
+
+def counts(values: list[int]) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda request: httpx.Response(200, json={"count": values.pop(0)})
+
+
+def test_the_backends_counts_are_settled():
+    [outcome] = settled_outcome(counts([1, 6, 12]), "{{ bos_token }}{{ messages[0].content }}")
+    assert outcome.usage == Usage(11, 5) and not outcome.estimated
+    assert outcome.estimate_method == METHOD
+
+
+@pytest.mark.parametrize("answer, template, reason", [
+    (counts([1, 6]), "{{ messages[0].content + 1 }}", "TypeError"),  # not a TemplateError
+    (counts([1, 6, 10**12]), "x", "the tokenizer answered without a 'count'"),
+    (counts([5, 2, 9]), "x", "the tokenizer's counts do not add up (4, -3)"),
+    (lambda request: httpx.Response(200, text="not json"), "x", "JSONDecodeError"),
+    (lambda request: httpx.Response(500), "x", "/extras/tokenize/count answered 500"),
+])
+def test_whatever_goes_wrong_the_estimate_is_settled_once(answer, template, reason):
+    [outcome] = settled_outcome(answer, template)
+    assert outcome.usage == Usage(3, 2) and outcome.estimated
+    assert outcome.estimate_method.startswith(
+        f"output: delivered characters/4; backend tokenizer failed: {reason}")
+
+
+def test_a_failure_quoting_a_secret_has_it_redacted():
+    secret = "sk-upstream-" + "q" * 24
+    [outcome] = settled_outcome(lambda request: httpx.Response(200, json={"count": secret}),
+                                "x", secrets=(secret,))
+    assert secret not in outcome.estimate_method and "<redacted>" in outcome.estimate_method

@@ -43,7 +43,8 @@ CONCURRENCY = 8  # tokenizer calls in flight per backend: a burst must not swamp
 
 
 class BackendTokenizer:
-    def __init__(self) -> None:
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._transport = transport  # tests: a backend in-process
         self._client: httpx.AsyncClient | None = None
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -79,14 +80,17 @@ class BackendTokenizer:
 
     async def _count(self, rc: RequestContext, outcome: Outcome,
                      settle: Callable[[Outcome], None]) -> None:
-        assert rc.backend is not None and rc.meter is not None and rc.tokenizer_input
+        assert rc.backend is not None and rc.meter is not None
+        assert rc.tokenizer_input is not None
         backend = rc.backend
         calls = usage_calls(backend.usage_fallback, rc.protocol, rc.tokenizer_input,
                             rc.meter.tracker.output_text or "")
         try:
             async with asyncio.timeout(TIMEOUT):
                 counted = await self._run(backend, calls)
-        except (TokenizerError, httpx.HTTPError, TimeoutError, ValueError) as e:
+        except Exception as e:  # whatever went wrong, the request is still settled
+            if not isinstance(e, TokenizerError | httpx.HTTPError | TimeoutError | ValueError):
+                logger.exception(f"counting request {rc.event_id} failed")
             reason = _reason(e)
             if redactor := Redactor(rc.secrets):  # an answer quoted may hold a key
                 reason = redactor.text(reason)
@@ -103,7 +107,8 @@ class BackendTokenizer:
 
     async def _run(self, backend: Backend,
                    calls: Generator[TokenizeCall, Any, CountedUsage]) -> CountedUsage:
-        client = self._client = self._client or httpx.AsyncClient(timeout=TIMEOUT)
+        client = self._client = self._client or httpx.AsyncClient(
+            timeout=TIMEOUT, transport=self._transport)
         slots = self._slots.setdefault(backend.name, asyncio.Semaphore(CONCURRENCY))
         headers: dict[str, str] = {}
         params: dict[str, str] = {}

@@ -28,7 +28,7 @@ from typing import Any
 from jinja2 import TemplateError, ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .usage import Protocol
+from .usage import MAX_TOKENS, Protocol
 from .validation import ConfigValueError
 
 TOKENIZER_APIS = ("vllm", "llama-server", "llama-cpp-python")
@@ -119,13 +119,13 @@ def usage_calls(fallback: UsageFallback, protocol: Protocol, request: dict[str, 
         completion = _count(
             (yield TokenizeCall("/tokenize", {"model": model, "prompt": output,
                                               "add_special_tokens": False})), "count")
-        return CountedUsage(prompt, completion, exact=True)
+        return _counted(prompt, completion, exact=True)
     if fallback.tokenizer == "llama-server":
         prompt = yield from _llama_server_prompt(protocol, request)
         completion = _tokens(
             (yield TokenizeCall("/tokenize", {"content": output, "add_special": False,
                                               "parse_special": False})))
-        return CountedUsage(prompt, completion, exact=True)
+        return _counted(prompt, completion, exact=True)
     if fallback.tokenizer == "llama-cpp-python":
         def count(text: str) -> TokenizeCall:
             return TokenizeCall("/extras/tokenize/count", {"model": model, "input": text})
@@ -136,14 +136,14 @@ def usage_calls(fallback: UsageFallback, protocol: Protocol, request: dict[str, 
             prompt = 0
             for text in prompts:
                 prompt += text if isinstance(text, int) else _count((yield count(text)), "count")
-            return CountedUsage(prompt, completion, exact=True)
+            return _counted(prompt, completion, exact=True)
         rendered = render_chat(fallback, request)
         exact = rendered is not None
         if rendered is None:
             rendered = "\n".join(_message_texts(request.get("messages")))
         # A rendered template holds its own BOS (llama-cpp-python adds none then).
         prompt = _count((yield count(rendered)), "count") - bos
-        return CountedUsage(prompt, completion, exact)
+        return _counted(prompt, completion, exact)
     raise TokenizerError("no tokenizer configured")
 
 
@@ -242,7 +242,7 @@ def _prompts(prompt: Any) -> list[str | int]:
 
 def _count(answer: Any, key: str) -> int:
     value = answer.get(key) if isinstance(answer, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
         raise TokenizerError(f"the tokenizer answered without a {key!r}: {answer!r:.200}")
     return value
 
@@ -252,3 +252,9 @@ def _tokens(answer: Any) -> int:
     if not isinstance(tokens, list):
         raise TokenizerError(f"the tokenizer answered without 'tokens': {answer!r:.200}")
     return len(tokens)
+
+
+def _counted(prompt: int, completion: int, exact: bool) -> CountedUsage:
+    if prompt < 0 or completion < 0:  # a BOS taken off a count that lacked it
+        raise TokenizerError(f"the tokenizer's counts do not add up ({prompt}, {completion})")
+    return CountedUsage(prompt, completion, exact)
