@@ -206,18 +206,22 @@ def test_counts_in_flight_at_shutdown_are_finished_and_stored(
         config.write_text(PRICES + "[proxy]\ndefault_plan = \"enterprise\"\n" + backend(
             "vllm", slow.url, '{ type = "tokenize", api = "vllm" }'))
         running = start_proxy(tmp_path, mongo_uri, config)
-        key = make_key()
-        slow.hold_tokenizer()
-        chat(running, key, "vllm-model")
-        deadline = time.monotonic() + 10
-        while not slow.tokenizer_calls:  # the count has started and waits on the backend
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        running.process.send_signal(signal.SIGTERM)
-        with pytest.raises(subprocess.TimeoutExpired):  # it waits for the count in flight
-            running.process.wait(1.5)
-        slow.release_tokenizer()
-        assert running.process.wait(30) == 0
+        try:
+            key = make_key()
+            slow.hold_tokenizer()
+            chat(running, key, "vllm-model")
+            deadline = time.monotonic() + 10
+            while not slow.tokenizer_calls:  # the count has started and waits on the backend
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            running.process.send_signal(signal.SIGTERM)
+            with pytest.raises(subprocess.TimeoutExpired):  # it waits for the count in flight
+                running.process.wait(1.5)
+            slow.release_tokenizer()
+            assert running.process.wait(30) == 0
+        finally:
+            if running.process.poll() is None:
+                running.process.kill()
         event, usage = billed(db, key)
         assert usage == expected("/v1/chat/completions", {"messages": MESSAGES})
         assert event["estimate_method"] == "backend tokenizer"
