@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from llm_billing.storage import cache as cache_module
 from llm_billing.storage.cache import RefreshingCache
 
 
@@ -90,5 +91,124 @@ def test_needs_load_tells_whether_a_get_would_query():
         assert await first == "k" and not cache.needs_load("k")
         cache.invalidate("k")
         assert cache.needs_load("k")
+
+    asyncio.run(go())
+
+
+# --- Misses are never served stale; invalidations win over loads under way ---------------
+
+class Clock:
+    """The cache's ``time.monotonic``, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class Keys:
+    """A database of keys, its answers held at ``gate`` while ``held``."""
+
+    def __init__(self) -> None:
+        self.existing: set[str] = set()
+        self.loads = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = asyncio.Event()  # a load is held at the gate
+
+    async def __call__(self, key: str) -> tuple[str | None, float]:
+        self.loads += 1
+        found = key.upper() if key in self.existing else None  # read before the gate
+        self.waiting.set()
+        await self.gate.wait()
+        return found, 1.0
+
+
+def miss_cache(monkeypatch) -> tuple[RefreshingCache, Keys, Clock]:
+    clock = Clock()
+    monkeypatch.setattr(cache_module, "time", clock)
+    keys = Keys()
+    return RefreshingCache(keys, is_miss=lambda v: v is None), keys, clock
+
+
+def test_an_expired_miss_waits_for_a_lookup(monkeypatch):
+    """A key created after it was tried works on the first request after the miss's TTL
+    (it was served stale once more while a refresh ran in the background)."""
+    async def go():
+        cache, keys, clock = miss_cache(monkeypatch)
+        assert await cache.get("new-key") is None
+        keys.existing.add("new-key")  # created behind our back
+        clock.now += 0.5
+        assert await cache.get("new-key") is None  # still fresh: cached
+        assert not cache.needs_load("new-key")
+        clock.now += 0.6  # the miss's 1 s is over
+        assert cache.needs_load("new-key")  # it counts as a lookup (per-address limit)
+        assert await cache.get("new-key") == "NEW-KEY"
+        assert keys.loads == 2
+
+    asyncio.run(go())
+
+
+def test_a_stale_hit_is_still_served_while_it_refreshes(monkeypatch):
+    async def go():
+        cache, keys, clock = miss_cache(monkeypatch)
+        keys.existing.add("valid")
+        assert await cache.get("valid") == "VALID"
+        clock.now += 2
+        keys.gate.clear()
+        keys.waiting.clear()
+        assert not cache.needs_load("valid")
+        assert await cache.get("valid") == "VALID"  # served at once, refreshing behind
+        await keys.waiting.wait()
+        assert keys.loads == 2
+        keys.gate.set()
+
+    asyncio.run(go())
+
+
+def test_a_load_under_way_when_its_key_is_invalidated_is_not_kept(monkeypatch):
+    """The lookup read the database before the key was created; the change's invalidation
+    came while it was under way: its answer goes to its callers but is not cached."""
+    async def go():
+        cache, keys, _ = miss_cache(monkeypatch)
+        keys.gate.clear()
+        first = asyncio.create_task(cache.get("key"))
+        await keys.waiting.wait()  # the query has read: no such key
+        keys.existing.add("key")
+        cache.invalidate("key")  # the change stream says it was created
+        keys.gate.set()
+        assert await first is None
+        assert cache.needs_load("key")
+        assert await cache.get("key") == "KEY"
+        assert keys.loads == 2
+
+    asyncio.run(go())
+
+
+def test_expire_all_refreshes_values_and_reloads_misses(monkeypatch):
+    """After changes may have been missed: a miss waits for a new lookup; a value is
+    served once more while it refreshes; a load under way is not kept."""
+    async def go():
+        cache, keys, _ = miss_cache(monkeypatch)
+        keys.existing.add("valid")
+        assert await cache.get("valid") == "VALID"
+        assert await cache.get("unknown") is None
+        keys.gate.clear()
+        keys.waiting.clear()
+        pending = asyncio.create_task(cache.get("other"))
+        await keys.waiting.wait()
+        keys.existing.update({"unknown", "other"})
+        cache.expire_all()
+        keys.gate.set()
+        assert await pending is None
+        assert cache.needs_load("unknown") and cache.needs_load("other")
+        assert not cache.needs_load("valid")
+        assert await cache.get("unknown") == "UNKNOWN"
+        assert await cache.get("other") == "OTHER"
+        assert await cache.get("valid") == "VALID"  # stale, its refresh started
+        loads = keys.loads
+        await asyncio.sleep(0)  # the refresh runs (nothing held)
+        assert keys.loads == loads + 1
 
     asyncio.run(go())

@@ -8,7 +8,12 @@ entry (a key unused that long, or the database down that long) is served only on
 reloaded, and a failed reload raises — a revoked key must not keep working for as long as
 the database is down. Size is bounded: the least recently used entry goes (O(1)). Values
 that ``is_miss`` (e.g. "no such key") live in their own smaller LRU, so a spray of unknown
-keys only ever evicts other misses, never a valid key.
+keys only ever evicts other misses, never a valid key; a miss is never served stale (a key
+created since must work once the miss's TTL is over, not one refresh later).
+
+``invalidate`` drops a key, and a load of it already under way is not stored (it may have
+read the database before the change that invalidated it); ``expire_all`` makes every entry
+stale at once (changes may have been missed).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class _Entry[V]:
     value: V
     fresh_until: float
     loaded: float  # when the value was loaded
+    miss: bool = False  # never served once stale
     refreshing: bool = False
 
 
@@ -47,12 +53,13 @@ class RefreshingCache[K, V]:
         self._misses: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._max_hits, self._max_misses = max_entries, max_misses
         self._inflight: dict[K, asyncio.Future[_Entry[V]]] = {}
+        self._outdated: set[K] = set()  # in flight, invalidated since: not to be stored
         self._tasks: set[asyncio.Task] = set()
         self.hits = self.misses = 0  # gets served from the cache / that waited for a load
 
     async def get(self, key: K) -> V:
         entry = self._touch(key)
-        if entry is None or self._too_old(entry):
+        if entry is None or not self._servable(entry):
             self.misses += 1
             return (await self._fetch_once(key)).value
         self.hits += 1
@@ -69,14 +76,37 @@ class RefreshingCache[K, V]:
         if key in self._inflight:
             return False
         entry = self._hits.get(key) or self._misses.get(key)
-        return entry is None or self._too_old(entry)
+        return entry is None or not self._servable(entry)
 
-    def _too_old(self, entry: _Entry[V]) -> bool:
-        return self.max_age is not None and time.monotonic() - entry.loaded > self.max_age
+    def _servable(self, entry: _Entry[V]) -> bool:
+        """Fresh, or a stale value (not a miss) young enough to serve while it refreshes."""
+        now = time.monotonic()
+        if self.max_age is not None and now - entry.loaded > self.max_age:
+            return False
+        return not entry.miss or entry.fresh_until > now
 
     def invalidate(self, key: K) -> None:
         self._hits.pop(key, None)
         self._misses.pop(key, None)
+        if key in self._inflight:
+            self._outdated.add(key)
+
+    def expire_all(self) -> None:
+        """Every entry stale now: values are refreshed on their next use, misses reloaded,
+        and loads under way not stored."""
+        for segment in (self._hits, self._misses):
+            for entry in segment.values():
+                entry.fresh_until = float("-inf")
+        self._outdated.update(self._inflight)
+
+    def peek(self, key: K) -> V | None:
+        """The cached value, fresh or not, without using it (None: not cached)."""
+        entry = self._hits.get(key) or self._misses.get(key)
+        return None if entry is None else entry.value
+
+    def items(self) -> list[tuple[K, V]]:
+        return [(key, entry.value) for segment in (self._hits, self._misses)
+                for key, entry in segment.items()]
 
     def _touch(self, key: K) -> _Entry[V] | None:
         for segment in (self._hits, self._misses):
@@ -86,7 +116,7 @@ class RefreshingCache[K, V]:
         return None
 
     def _store(self, key: K, entry: _Entry[V]) -> None:
-        miss = self._is_miss is not None and self._is_miss(entry.value)
+        miss = entry.miss = self._is_miss is not None and self._is_miss(entry.value)
         segment, other = (self._misses, self._hits) if miss else (self._hits, self._misses)
         limit = self._max_misses if miss else self._max_hits
         other.pop(key, None)  # e.g. a key created since it was looked up
@@ -111,7 +141,8 @@ class RefreshingCache[K, V]:
             value, ttl = await self._load(key)
             now = time.monotonic()
             entry = _Entry(value, now + ttl, now)
-            self._store(key, entry)
+            if key not in self._outdated:
+                self._store(key, entry)
             future.set_result(entry)
             return entry
         except BaseException as e:
@@ -120,3 +151,4 @@ class RefreshingCache[K, V]:
             raise
         finally:
             del self._inflight[key]
+            self._outdated.discard(key)
