@@ -56,10 +56,11 @@ def _fast_insert_engine(path: str, unrecorded_collections: frozenset[str] = froz
 
 
 async def serve(data_dir: Path, host: str, port: int, record_event_changes: bool = False) -> None:
-    from . import mongoeco_fast, mongoeco_wire
+    from . import mongoeco_changes, mongoeco_fast, mongoeco_wire
 
     mongoeco_fast.install()
     mongoeco_wire.install()  # and its DriverWireServer: what mongosh needs
+    mongoeco_changes.install()  # and its ChangeStreamWireServer: watch() over the wire
     data_dir.mkdir(parents=True, exist_ok=True)
     engine = _fast_insert_engine(
         str(data_dir / DB_FILENAME),
@@ -69,7 +70,8 @@ async def serve(data_dir: Path, host: str, port: int, record_event_changes: bool
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with mongoeco_wire.DriverWireServer(engine=engine, host=host, port=port) as server:
+    async with mongoeco_changes.ChangeStreamWireServer(engine=engine, host=host,
+                                                       port=port) as server:
         address = server.address
         print(f"embedded MongoDB ready on mongodb://{address.host}:{address.port}", flush=True)
         await stop.wait()
