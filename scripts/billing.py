@@ -84,7 +84,8 @@ def keys_revoke(db: MongoClient, args: argparse.Namespace) -> None:
                                         {"$set": {"date_expiry": datetime.now(UTC)}})
     if not result.matched_count:
         sys.exit(f"no key {args.key_id}")
-    print(f"revoked {args.key_id} (proxies stop accepting it within their key cache TTL)")
+    print(f"revoked {args.key_id} (refused at once where the database has change streams: "
+          "the embedded one, replica sets; else within the proxies' key cache TTL)")
 
 
 def users_create(db: MongoClient, args: argparse.Namespace) -> None:

@@ -3,11 +3,19 @@
 Accepts ``Authorization: Bearer <token>`` (seed 002) and ``X-API-Key: <token>`` (seed 000,
 also what the Anthropic SDK sends). The token's SHA-256 hex is looked up in
 ``cgc.api_keys`` with seed 002's query. Results are cached (positive and negative); an
-expired entry is served while one background refresh runs, so after the first request of
-a key the hot path never waits on the database. Unknown keys are cached apart from valid
-ones, so a spray of them never evicts a valid key; and a client address may only make
-``unknown_key_lookups_per_minute`` database lookups of keys that turn out unknown — past
-that, a lookup the cache cannot answer gets 429 with ``Retry-After``, without a query.
+expired valid key is served while one background refresh runs, so after the first request
+of a key the hot path never waits on the database. Unknown keys are cached apart from
+valid ones, so a spray of them never evicts a valid key, and only for
+``key_cache_negative_ttl`` (1 s): never served stale, so a key created since works on the
+next request after that. A client address may only make ``unknown_key_lookups_per_minute``
+database lookups of keys that turn out unknown — past that, a lookup the cache cannot
+answer gets 429 with ``Retry-After``, without a query.
+
+Where the database has change streams (the embedded database, replica sets), a watcher
+(storage/key_watch.py) drops a key's cached entries as soon as it is created, changed or
+deleted anywhere, so key changes made outside the proxy apply at once on every instance;
+without them, within the TTLs above. Keys made by the CLI and the portal have random
+tokens, never looked up before, so they work on the next request everywhere.
 
 Client credentials, in every accepted form, are removed from every live request in its
 first hook, routed or not, so no later hook, log line or saved flow holds them. A cached
@@ -24,6 +32,7 @@ import hmac
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +51,7 @@ from .errors import error_response
 from .settings import Settings
 from .storage.cache import RefreshingCache
 from .storage.database import Database
+from .storage.key_watch import KeyWatcher
 from .storage.last_used import KeysLastUsed
 
 logger = logging.getLogger(__name__)
@@ -69,6 +79,13 @@ def key_query(secret_hash: str, now: datetime) -> dict[str, Any]:
         "secret": secret_hash,
         "$or": [{"date_expiry": {"$gt": now}}, {"date_expiry": None}],
     }
+
+
+def key_matches(doc: Mapping[str, Any], secret_hash: str, now: datetime) -> bool:
+    """Whether ``key_query(secret_hash, now)`` finds ``doc``."""
+    expiry = doc.get("date_expiry")
+    return doc.get("access_level") == "COMPLETION" and doc.get("secret") == secret_hash \
+        and (expiry is None or (isinstance(expiry, datetime) and expiry > now))
 
 
 def extract_token(request: http.Request, query_key: bool = False) -> str | None:
@@ -101,14 +118,24 @@ class KeyAuth:
         self._cache: RefreshingCache[str, _KeyRecord] = RefreshingCache(
             self._fetch, max_keys, is_miss=lambda record: record.caller is None,
             max_misses=max_unknown_keys, max_age=KEY_CACHE_MAX_STALE)
+        self._max_keys = max_keys
+        self._secrets_by_id: dict[Any, str] = {}  # cached valid keys: what a deletion names
         self._unknown_lookups = ClientRate(UNKNOWN_KEY_LOOKUPS_PER_MINUTE)
         self.last_used = KeysLastUsed(database)
+        self.watcher = KeyWatcher(database, self.key_changed, self._cache.expire_all)
 
     def load(self, loader) -> None:
         loader.add_option("key_cache_ttl", int, 30, "Seconds a key lookup stays fresh.")
         loader.add_option(
-            "key_cache_negative_ttl", int, 5, "Seconds an unknown key stays cached."
-        )
+            "key_cache_negative_ttl", int, 1,
+            "Seconds an unknown key stays cached (then it is looked up again before an "
+            "answer): how long a key created outside the proxy may still be refused where "
+            "the database has no change streams.")
+        loader.add_option(
+            "key_change_stream", bool, True,
+            "Watch cgc.api_keys where the database has change streams (the embedded one, "
+            "replica sets): keys created, changed or deleted outside the proxy apply at "
+            "once, not within the key cache TTLs.")
         loader.add_option(
             "unknown_key_lookups_per_minute", int, UNKNOWN_KEY_LOOKUPS_PER_MINUTE,
             "Database lookups of unknown keys a client address (IPv6: /64) may make per "
@@ -129,8 +156,11 @@ class KeyAuth:
 
     def running(self) -> None:
         self.last_used.start()
+        if ctx.options.key_change_stream:
+            self.watcher.start()
 
     async def done(self) -> None:
+        await self.watcher.stop()
         await self.last_used.stop()
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -204,6 +234,30 @@ class KeyAuth:
         """Key lookups served from the cache, and those that waited for the database."""
         return self._cache.hits, self._cache.misses
 
+    def forget(self, secret_hash: str) -> None:
+        """The key with this hash was created or changed here: look it up on its next use."""
+        self._cache.invalidate(secret_hash)
+
+    def forget_key(self, key_id: Any) -> None:
+        """Key ``key_id`` was changed or deleted here: look it up on its next use."""
+        if (secret := self._secrets_by_id.pop(key_id, None)) is not None:
+            self._cache.invalidate(secret)
+
+    def key_changed(self, key_id: Any, doc: Mapping[str, Any] | None) -> None:
+        """Key ``key_id`` was inserted or changed (``doc``: as it is now; None: deleted),
+        here or elsewhere: its cached entries go, unless they already say what it says
+        (our own ``date_last_used`` writes change nothing that matters)."""
+        secret = doc.get("secret") if doc is not None else None
+        if self._secrets_by_id.get(key_id) != secret:  # deleted, or a new secret
+            self.forget_key(key_id)
+        if not isinstance(secret, str):
+            return
+        assert doc is not None
+        current = _record({"_id": key_id, **doc}, secret) \
+            if key_matches(doc, secret, datetime.now(UTC)) else _KeyRecord(None, None)
+        if self._cache.peek(secret) != current:
+            self._cache.invalidate(secret)
+
     async def lookup(self, secret_hash: str) -> Caller | None:
         """The key's caller, or None when unknown or expired."""
         record = await self._cache.get(secret_hash)
@@ -217,17 +271,23 @@ class KeyAuth:
             key_query(secret_hash, datetime.now(UTC)),
             projection={"_id": 1, "user_id": 1, "secret": 1, "date_expiry": 1},
         )
-        valid = (
-            doc is not None
-            and "user_id" in doc
-            and hmac.compare_digest(str(doc.get("secret", "")), secret_hash)
-        )
-        ttl = ctx.options.key_cache_ttl if valid else ctx.options.key_cache_negative_ttl
-        if doc is not None and not valid:
+        if doc is not None and "user_id" not in doc:
             logger.warning(f"API key {doc.get('_id')!r} has no user_id; refusing it")
-        expiry = doc.get("date_expiry") if valid else None
-        record = _KeyRecord(
-            caller=Caller(key_id=doc["_id"], user_id=doc["user_id"]) if valid else None,
-            expiry=expiry if isinstance(expiry, datetime) else None,
-        )
-        return record, ttl
+        record = _record(doc, secret_hash)
+        if record.caller is None:
+            return record, ctx.options.key_cache_negative_ttl
+        if len(self._secrets_by_id) >= 2 * self._max_keys:  # keys evicted from the cache
+            self._secrets_by_id = {r.caller.key_id: s for s, r in self._cache.items()
+                                   if r.caller is not None}
+        self._secrets_by_id[record.caller.key_id] = secret_hash
+        return record, ctx.options.key_cache_ttl
+
+
+def _record(doc: Mapping[str, Any] | None, secret_hash: str) -> _KeyRecord:
+    """What the cache keeps for the document ``key_query`` found (None: no such key)."""
+    if doc is None or "user_id" not in doc or \
+            not hmac.compare_digest(str(doc.get("secret", "")), secret_hash):
+        return _KeyRecord(caller=None, expiry=None)
+    expiry = doc.get("date_expiry")
+    return _KeyRecord(caller=Caller(key_id=doc["_id"], user_id=doc["user_id"]),
+                      expiry=expiry if isinstance(expiry, datetime) else None)

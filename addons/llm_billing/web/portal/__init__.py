@@ -20,6 +20,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
+from ...keyauth import KeyAuth
 from ...settings import Settings
 from ...storage.database import Database
 from . import accounts
@@ -36,11 +37,12 @@ STATIC = Path(__file__).parent / "static"
 
 
 class Portal:
-    def __init__(self, database: Database, settings: Settings) -> None:
+    def __init__(self, database: Database, settings: Settings,
+                 key_auth: KeyAuth | None = None) -> None:
         self.database = database
         self.settings = settings
         self.auth = AuthPages(database, settings)
-        self.admin = AdminPages(database, settings)
+        self.admin = AdminPages(database, settings, key_auth)
         self.usage = UsagePages(database, settings)
         self.reconcile = ReconcilePage(database)
         self.self_service = SelfService(database, settings)

@@ -3,8 +3,9 @@
 A key's token is made here, shown in the answer to the POST that created it, and never
 again: only its SHA-256 is stored, in ``cgc.api_keys`` as seed 002 describes
 (``secret``, ``access_level: "COMPLETION"``, ``date_expiry``, ``user_id``, plus
-``date_created`` and ``name``). Revoking a key expires it now (KeyAuth refuses it within
-its key cache TTL). A user's requests never name another user: the pages take the
+``date_created`` and ``name``). Revoking a key expires it now: this instance's KeyAuth
+forgets it at once, the others when their change stream tells them (else within their key
+cache TTL). A user's requests never name another user: the pages take the
 account's own user id, whatever the query says.
 """
 
@@ -25,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 
 from ...core.dates import month_of
-from ...keyauth import token_hash
+from ...keyauth import KeyAuth, token_hash
 from ...settings import Settings
 from ...storage.database import Database
 from . import accounts
@@ -119,9 +120,11 @@ def csv_safe(value: Any) -> str:
 
 
 class AdminPages:
-    def __init__(self, database: Database, settings: Settings) -> None:
+    def __init__(self, database: Database, settings: Settings,
+                 key_auth: KeyAuth | None = None) -> None:
         self.database = database
         self.settings = settings
+        self.key_auth = key_auth  # this instance's key cache
 
     # --- keys ---------------------------------------------------------------------------
 
@@ -170,6 +173,8 @@ class AdminPages:
         result = await client.cgc.api_keys.insert_one({
             "secret": token_hash(token), "access_level": "COMPLETION", "date_expiry": expiry,
             "user_id": user, "date_created": now, "name": name})
+        if self.key_auth is not None:  # a new random token: cached nowhere, but be sure
+            self.key_auth.forget(token_hash(token))
         return render(request, "key_created.html", 201, token=token, user=user, name=name,
                       key_id=str(result.inserted_id), expiry=expiry)
 
@@ -184,6 +189,8 @@ class AdminPages:
             {**query, "$or": [{"date_expiry": None},
                               {"date_expiry": {"$gt": datetime.now(UTC)}}]},
             {"$set": {"date_expiry": datetime.now(UTC), "revoked_at": datetime.now(UTC)}})
+        if self.key_auth is not None:
+            self.key_auth.forget_key(query["_id"])  # refused here from the next request
         if not result.matched_count and await client.cgc.api_keys.find_one(query) is None:
             return await self._keys_page(request, user, 404, error="No such key.")
         return RedirectResponse("/portal/keys", 303)
