@@ -12,6 +12,7 @@ from pymongo import AsyncMongoClient, MongoClient
 from pymongo.collection import Collection
 from pymongo.errors import OperationFailure
 
+from llm_billing.storage import mongoeco_changes
 from llm_billing.storage.embedded_db import _fast_insert_engine
 from llm_billing.storage.mongoeco_changes import HISTORY_LOST, ChangeStreamWireServer
 
@@ -103,5 +104,28 @@ def test_streams_close_with_kill_cursors_and_with_their_connection(tmp_path: Pat
                     break
                 await asyncio.sleep(0.01)
             assert len(streams) == 0
+
+    asyncio.run(go())
+
+
+def test_a_token_older_than_the_history_kept_is_history_lost(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(mongoeco_changes, "HISTORY", 3)
+
+    async def go():
+        engine = _fast_insert_engine(str(tmp_path / "db.sqlite3"))
+        async with ChangeStreamWireServer(engine=engine, host="127.0.0.1", port=0) as server:
+            client = AsyncMongoClient(f"mongodb://127.0.0.1:{server.address.port}/"
+                                      "?directConnection=true")
+            keys = client.cgc.api_keys
+            async with await keys.watch(max_await_time_ms=50) as stream:
+                token = stream.resume_token
+            await keys.insert_one({"n": 1})
+            async with await keys.watch(resume_after=token, max_await_time_ms=50) as stream:
+                assert (await stream.try_next())["fullDocument"]["n"] == 1  # still kept
+            await keys.insert_many([{"n": n} for n in range(2, 6)])
+            with pytest.raises(OperationFailure) as error:
+                await keys.watch(resume_after=token)
+            assert error.value.code == HISTORY_LOST
+            await client.close()
 
     asyncio.run(go())

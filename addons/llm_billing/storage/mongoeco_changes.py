@@ -13,7 +13,8 @@ mongoeco's change-stream stages ($match, $project, $addFields, ...).
 The hub records changes only while someone watches, so the server watches from its start
 (one registration, for as long as it runs): every change of this run is in the hub, in
 order, and a resume token is a position in it. A token from another run (the server was
-restarted) or one the hub no longer retains (10,000 changes) is refused with
+restarted) or one the hub no longer retains (the last ``HISTORY`` changes: seconds of
+writes at least, the time a watcher takes to reconnect; ~4 KB each) is refused with
 ChangeStreamHistoryLost, as MongoDB refuses one that fell off its oplog: the watcher then
 knows it may have missed changes. The event collections write no change record at all
 (mongoeco_fast.py), so nobody can watch those.
@@ -32,6 +33,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from mongoeco.api import AsyncMongoClient
 from mongoeco.api._async.collection import AsyncCollection
 from mongoeco.change_streams import ChangeStreamHub, compile_change_stream_pipeline
 from mongoeco.core.aggregation import apply_pipeline
@@ -46,6 +48,7 @@ CURSOR_IDS_FROM = 1 << 40  # apart from mongoeco's own cursor ids (1, 2, ...)
 DEFAULT_AWAIT_MS = 1000  # MongoDB's default for a getMore on a tailable cursor
 MAX_AWAIT_MS = 60_000
 MAX_BATCH = 1000
+HISTORY = 2000  # changes the hub keeps for streams that resume (mongoeco's default: 10,000)
 FULL_DOCUMENT_MODES = ("default", "updateLookup", "whenAvailable", "required")
 HISTORY_LOST = 286  # MongoDB's ChangeStreamHistoryLost
 
@@ -254,8 +257,10 @@ class _Connections(WireConnectionRegistry):
 class ChangeStreamWireServer(DriverWireServer):
     """mongoeco's wire server for any driver (mongoeco_wire.py), with change streams."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, engine: Any, **kwargs: Any) -> None:
+        super().__init__(client=AsyncMongoClient(engine, change_stream_history_size=HISTORY),
+                         **kwargs)
+        self._owns_client = True  # connects and disconnects the engine, as with engine=
         self._executor = ChangeStreamExecutor(self._client, self._cursor_store,
                                               self._session_store, surface=self._surface,
                                               auth=self._auth)
