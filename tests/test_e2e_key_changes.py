@@ -175,7 +175,7 @@ def test_key_deleted_or_releveled_behind_our_back_is_refused_at_once_on_both_ins
         instances: list[Proxy], db: MongoClient, change: Callable[[MongoClient, object], None]):
     key = insert_key(db)
     with httpx.Client(timeout=10) as client:
-        for _ in range(3):  # cached on both, and used: date_last_used writes change nothing
+        for _ in range(3):  # cached on both
             assert [status(client, proxy, key.token) for proxy in instances] == [200, 200]
     took, _ = after(lambda: change(db, key.key_id), instances, key.token, 401)
     print(f"\nchanged -> 401: {[f'{t * 1000:.0f} ms' for t in took]}")
