@@ -49,12 +49,14 @@ def test_vllm_counts_a_chat_with_its_template_and_the_output_without_specials():
     request = {"model": "m", "messages": MESSAGES, "tools": [{"type": "function"}],
                "stream_options": {"include_usage": True}}
     calls, counted = run(UsageFallback("vllm"), CHAT, request, "Hello",
-                         [{"count": 12}, {"count": 5}])
+                         [{"count": 12}, {"count": 7}, {"count": 2}])
     assert calls == [
         TokenizeCall("/tokenize", {"model": "m", "messages": MESSAGES,
                                    "add_generation_prompt": True,
                                    "tools": [{"type": "function"}]}),
-        TokenizeCall("/tokenize", {"model": "m", "prompt": "Hello",
+        TokenizeCall("/tokenize", {"model": "m", "prompt": "\nHello",
+                                   "add_special_tokens": False}),
+        TokenizeCall("/tokenize", {"model": "m", "prompt": "\n",
                                    "add_special_tokens": False})]
     assert counted == CountedUsage(12, 5, exact=True) and counted.method == METHOD
 
@@ -62,21 +64,24 @@ def test_vllm_counts_a_chat_with_its_template_and_the_output_without_specials():
 def test_vllm_completions_count_each_prompt_and_token_ids_as_they_are():
     calls, counted = run(UsageFallback("vllm"), COMPLETIONS,
                          {"model": "m", "prompt": ["a", [1, 2, 3]]}, "x",
-                         [{"count": 2}, {"count": 1}])
+                         [{"count": 2}, {"count": 3}, {"count": 2}])
     assert calls[0] == TokenizeCall("/tokenize", {"model": "m", "prompt": "a"})
     assert counted == CountedUsage(2 + 3, 1, exact=True)
-    _, counted = run(UsageFallback("vllm"), COMPLETIONS, {"prompt": [5, 6]}, "", [{"count": 0}])
+    _, counted = run(UsageFallback("vllm"), COMPLETIONS, {"prompt": [5, 6]}, "", [])
     assert counted.prompt_tokens == 2
 
 
 def test_llama_server_renders_with_apply_template_then_tokenizes_with_specials():
-    calls, counted = run(UsageFallback("llama-server"), CHAT, {"messages": MESSAGES}, "Hi",
-                         [{"prompt": "<|user|>hi"}, {"tokens": [1] * 9}, {"tokens": [7, 8]}])
+    calls, counted = run(UsageFallback("llama-server"), CHAT, {"messages": MESSAGES}, " Hi",
+                         [{"prompt": "<|user|>hi"}, {"tokens": [1] * 9}, {"tokens": [7, 8, 9]},
+                          {"tokens": [7]}])
     assert calls == [
         TokenizeCall("/apply-template", {"messages": MESSAGES}),
         TokenizeCall("/tokenize", {"content": "<|user|>hi", "add_special": True,
                                    "parse_special": True}),
-        TokenizeCall("/tokenize", {"content": "Hi", "add_special": False,
+        TokenizeCall("/tokenize", {"content": "a Hi", "add_special": False,  # starts with
+                                   "parse_special": False}),                  # a space
+        TokenizeCall("/tokenize", {"content": "a", "add_special": False,
                                    "parse_special": False})]
     assert counted == CountedUsage(9, 2, exact=True)
 
@@ -86,13 +91,13 @@ def test_llama_cpp_python_takes_off_the_bos_its_count_always_adds():
     fallback = parse_usage_fallback({"type": "tokenize", "api": "llama-cpp-python",
                                      "chat_template": template}, "b")
     calls, counted = run(fallback, CHAT, {"model": "m", "messages": MESSAGES}, "Hello",
-                         [{"count": 1}, {"count": 6}, {"count": 11}])
-    assert [c.body["input"] for c in calls] == ["", "Hello", "<s>[user]hi"]
+                         [{"count": 8}, {"count": 3}, {"count": 11}, {"count": 1}])
+    assert [c.body["input"] for c in calls] == ["\nHello", "\n", "<s>[user]hi", ""]
     assert all(c.path == "/extras/tokenize/count" for c in calls)
     assert counted == CountedUsage(10, 5, exact=True)
     # A completion's prompt keeps its BOS, as the server counts it.
     _, counted = run(fallback, COMPLETIONS, {"prompt": "abc"}, "d",
-                     [{"count": 1}, {"count": 2}, {"count": 4}])
+                     [{"count": 4}, {"count": 3}, {"count": 4}])
     assert counted == CountedUsage(4, 1, exact=True)
 
 
@@ -101,8 +106,8 @@ def test_llama_cpp_python_without_a_template_counts_the_texts_and_says_so():
                                              {"type": "image_url", "image_url": {}}]},
                 {"role": "assistant", "content": "b"}]
     calls, counted = run(UsageFallback("llama-cpp-python"), CHAT, {"messages": messages}, "",
-                         [{"count": 1}, {"count": 1}, {"count": 4}])
-    assert calls[2].body["input"] == "a\nb"
+                         [{"count": 4}, {"count": 1}])
+    assert calls[0].body["input"] == "a\nb"
     assert counted == CountedUsage(3, 0, exact=False)
     assert "without the chat template" in counted.method
 
@@ -235,15 +240,15 @@ def counts(values: list[int]) -> Callable[[httpx.Request], httpx.Response]:
 
 
 def test_the_backends_counts_are_settled():
-    [outcome] = settled_outcome(counts([1, 6, 12]), "{{ bos_token }}{{ messages[0].content }}")
+    [outcome] = settled_outcome(counts([8, 3, 12, 1]), "{{ bos_token }}{{ messages[0].content }}")
     assert outcome.usage == Usage(11, 5) and not outcome.estimated
     assert outcome.estimate_method == METHOD
 
 
 @pytest.mark.parametrize("answer, template, reason", [
-    (counts([1, 6]), "{{ messages[0].content + 1 }}", "TypeError"),  # not a TemplateError
-    (counts([1, 6, 10**12]), "x", "the tokenizer answered without a 'count'"),
-    (counts([5, 2, 9]), "x", "the tokenizer's counts do not add up (4, -3)"),
+    (counts([8, 3]), "{{ messages[0].content + 1 }}", "TypeError"),  # not a TemplateError
+    (counts([8, 3, 10**12]), "x", "the tokenizer answered without a 'count'"),
+    (counts([8, 3, 2, 5]), "x", "the tokenizer's counts do not add up (-3, 5)"),
     (lambda request: httpx.Response(200, text="not json"), "x", "JSONDecodeError"),
     (lambda request: httpx.Response(500), "x", "/extras/tokenize/count answered 500"),
 ])

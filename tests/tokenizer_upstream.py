@@ -11,7 +11,7 @@ One class, three flavours, each with its server's exact tokenizer endpoints:
   /tokenize`` ``{"content", "add_special", "parse_special"}`` → ``{"tokens"}``.
 
 Its "model" has a byte tokenizer: a token per UTF-8 byte, ``<s>`` one token when specials
-are parsed, and a chat template (``CHAT_TEMPLATE``). Non-streamed answers report usage
+are parsed, SPM's space before a text, and a chat template (``CHAT_TEMPLATE``). Non-streamed answers report usage
 counted that way — the server's own count, which a streamed request must be billed at.
 Streams never carry usage, whatever ``stream_options`` says (llama-cpp-python's server).
 ``hold_tokenizer`` makes the tokenizer endpoints wait until ``release_tokenizer``.
@@ -33,10 +33,10 @@ OUTPUT = "Hello from a tiny model!"  # what every answer says (ASCII: one token 
 
 
 def tokens(text: str, add_bos: bool, parse_special: bool = True) -> int:
-    count = len(text.encode())
-    if parse_special:
-        count -= (len(BOS) - 1) * text.count(BOS)
-    return count + add_bos
+    """As llama.cpp's SPM tokenizer: a text (and each part after a special token) gets
+    a space put before it — one more token than the same text generated mid-answer."""
+    parts = text.split(BOS) if parse_special else [text]
+    return add_bos + len(parts) - 1 + sum(len(part.encode()) + 1 for part in parts if part)
 
 
 def render(messages: list[dict[str, Any]]) -> str:
@@ -51,7 +51,7 @@ def server_usage(path: str, body: dict[str, Any]) -> dict[str, int]:
         prompt = tokens(render(body["messages"]), add_bos=False)
     else:
         prompt = tokens(body["prompt"], add_bos=True)
-    completion = tokens(OUTPUT, add_bos=False)
+    completion = len(OUTPUT.encode())  # the tokens it generated: no space put before them
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 

@@ -21,7 +21,7 @@ call's JSON answer; it returns the ``CountedUsage``. The I/O is the caller's
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,35 +116,49 @@ def usage_calls(fallback: UsageFallback, protocol: Protocol, request: dict[str, 
     model = request.get("model")
     if fallback.tokenizer == "vllm":
         prompt = yield from _vllm_prompt(protocol, request, model)
-        completion = _count(
-            (yield TokenizeCall("/tokenize", {"model": model, "prompt": output,
-                                              "add_special_tokens": False})), "count")
+        completion = yield from _generated(lambda text: TokenizeCall("/tokenize", {
+            "model": model, "prompt": text, "add_special_tokens": False}),
+            lambda answer: _count(answer, "count"), output)
         return _counted(prompt, completion, exact=True)
     if fallback.tokenizer == "llama-server":
         prompt = yield from _llama_server_prompt(protocol, request)
-        completion = _tokens(
-            (yield TokenizeCall("/tokenize", {"content": output, "add_special": False,
-                                              "parse_special": False})))
+        completion = yield from _generated(lambda text: TokenizeCall("/tokenize", {
+            "content": text, "add_special": False, "parse_special": False}), _tokens, output)
         return _counted(prompt, completion, exact=True)
     if fallback.tokenizer == "llama-cpp-python":
         def count(text: str) -> TokenizeCall:
             return TokenizeCall("/extras/tokenize/count", {"model": model, "input": text})
-        bos = _count((yield count("")), "count")  # added to every count
-        completion = _count((yield count(output)), "count") - bos
+
+        def counted(answer: Any) -> int:
+            return _count(answer, "count")
+        completion = yield from _generated(count, counted, output)
         if protocol is Protocol.OPENAI_COMPLETIONS:  # counted with its BOS, as the server does
-            prompts = _prompts(request.get("prompt"))
             prompt = 0
-            for text in prompts:
-                prompt += text if isinstance(text, int) else _count((yield count(text)), "count")
+            for text in _prompts(request.get("prompt")):
+                prompt += text if isinstance(text, int) else counted((yield count(text)))
             return _counted(prompt, completion, exact=True)
         rendered = render_chat(fallback, request)
         exact = rendered is not None
         if rendered is None:
             rendered = "\n".join(_message_texts(request.get("messages")))
-        # A rendered template holds its own BOS (llama-cpp-python adds none then).
-        prompt = _count((yield count(rendered)), "count") - bos
+        # Its count always adds a BOS; a rendered template holds its own (the server adds
+        # none then): the BOS alone is counted and taken off.
+        prompt = counted((yield count(rendered))) - counted((yield count("")))
         return _counted(prompt, completion, exact)
     raise TokenizerError("no tokenizer configured")
+
+
+def _generated(call: Callable[[str], TokenizeCall], tokens: Callable[[Any], int],
+               text: str) -> Generator[TokenizeCall, Any, int]:
+    """The tokens of generated ``text``, counted as the continuation they were: after an
+    anchor, less the anchor's count. A text counted on its own would be a new text: an
+    SPM tokenizer (llama, mistral) puts a space before it — one token more, or three
+    in a vocabulary of bytes. The anchor never merges with what follows it: a newline
+    before a text that starts with no whitespace, else a letter."""
+    if not text:
+        return 0
+    anchor = "a" if text[0].isspace() else "\n"
+    return tokens((yield call(anchor + text))) - tokens((yield call(anchor)))
 
 
 def _vllm_prompt(protocol: Protocol, request: dict[str, Any],
