@@ -11,8 +11,9 @@ One class, three flavours, each with its server's exact tokenizer endpoints:
   /tokenize`` ``{"content", "add_special", "parse_special"}`` → ``{"tokens"}``.
 
 Its "model" has a byte tokenizer: a token per UTF-8 byte, ``<s>`` one token when specials
-are parsed, SPM's space before a text, and a chat template (``CHAT_TEMPLATE``). Non-streamed answers report usage
-counted that way — the server's own count, which a streamed request must be billed at.
+are parsed, SPM's space before a text, and a chat template (``CHAT_TEMPLATE``).
+Non-streamed answers report usage counted that way — the server's own count, which a
+streamed request must be billed at.
 Streams never carry usage, whatever ``stream_options`` says (llama-cpp-python's server).
 ``hold_tokenizer`` makes the tokenizer endpoints wait until ``release_tokenizer``.
 """
