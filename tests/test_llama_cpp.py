@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from llama_model import CHAT_TEMPLATE
@@ -40,6 +41,8 @@ from conftest import (
     wait_for_events,
     wait_for_port,
 )
+from llm_billing.core.backend_tokenizer import UsageFallback, usage_calls
+from llm_billing.core.usage import Protocol
 
 LLAMA_SERVER = os.environ.get("LLAMA_SERVER", "")
 LLAMA_CPP_PYTHON = os.environ.get("LLAMA_CPP_PYTHON", "")
@@ -263,3 +266,33 @@ def test_event_bills_the_servers_own_count(llama_proxy: Proxy, servers: dict[str
     else:  # ... and never in one: counted by its own tokenizer
         assert proxied.usage is None
         assert event["estimate_method"] == "backend tokenizer"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("name", SERVERS)
+def test_the_backend_tokenizer_counts_what_the_server_counts(
+        servers: dict[str, Server], name: str, endpoint: str, test_id: str):
+    """core/backend_tokenizer.py's calls, made to the real server, give the server's own
+    count for a request and the output it generated — for both servers' tokenizer APIs
+    (the proxy tier above only needs llama-cpp-python's: llama-server reports usage)."""
+    server = servers[name]
+    text = f"Hi {test_id[:12]}"
+    direct = ask(server.client(), server.model, endpoint, "not streamed", text)
+    request: dict[str, Any] = {"model": server.model}
+    if endpoint == "chat":
+        request["messages"] = [{"role": "user", "content": text}]
+    else:
+        request["prompt"] = text
+    fallback = UsageFallback(name, CHAT_TEMPLATE if name == "llama-cpp-python" else None)
+    protocol = Protocol.OPENAI_CHAT if endpoint == "chat" else Protocol.OPENAI_COMPLETIONS
+    calls, answer = usage_calls(fallback, protocol, request, direct.text), None
+    try:
+        while True:
+            call = calls.send(answer)
+            answer = httpx.post(server.url + call.path, json=call.body, timeout=10).json()
+    except StopIteration as end:
+        counted = end.value
+    assert direct.usage is not None
+    assert (counted.prompt_tokens, counted.completion_tokens) == (
+        direct.usage["prompt_tokens"], direct.usage["completion_tokens"])
+    assert counted.exact
