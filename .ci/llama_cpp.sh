@@ -76,6 +76,19 @@ CMAKE_ARGS="-DLLAMA_BUILD=OFF" python3 -m uv pip install --quiet \
     > "$WORK/pip.log" 2>&1 &
 PIP_PID=$!
 
+# A machine without the build tools gets them: g++ from Debian, cmake from PyPI.
+if ! command -v c++ > /dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq g++; } >&2
+fi
+CMAKE=cmake
+if ! command -v cmake > /dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        --target "$WORK/cmake" cmake >&2
+    CMAKE=$WORK/cmake/cmake/data/bin/cmake
+fi
+cmake() { "$CMAKE" "$@"; }
+
 GENERATOR=()
 command -v ninja > /dev/null && GENERATOR=(-G Ninja)
 if ! { cmake -S "$SRC/vendor/llama.cpp" -B "$WORK/build" "${GENERATOR[@]}" "${CMAKE_FLAGS[@]}" \
