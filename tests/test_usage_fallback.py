@@ -57,9 +57,21 @@ usage_fallback = {fallback}
 """
 
 
+def config_text(*backends: str) -> str:
+    return PRICES + "[proxy]\ndefault_plan = \"enterprise\"\n" + "".join(backends)
+
+
+def start_vllm_proxy(tmp_path: Path, mongo_uri: str, server: TokenizerUpstream) -> Proxy:
+    """A proxy whose one backend is ``server``, counted as vLLM."""
+    config = tmp_path / "config.toml"
+    config.write_text(config_text(backend("vllm", server.url,
+                                          '{ type = "tokenize", api = "vllm" }')))
+    return start_proxy(tmp_path, mongo_uri, config)
+
+
 def write_config(path: Path, servers: dict[str, TokenizerUpstream]) -> Path:
     template = CHAT_TEMPLATE.replace("\n", "\\n")
-    path.write_text(PRICES + "[proxy]\ndefault_plan = \"enterprise\"\n" + "".join([
+    path.write_text(config_text(*[
         backend("llama-cpp-python", servers["llama-cpp-python"].url,
                 f'{{ type = "tokenize", api = "llama-cpp-python", chat_template = "{template}" }}'),
         backend("no-template", servers["llama-cpp-python"].url,
@@ -180,10 +192,7 @@ def test_a_tokenizer_that_fails_leaves_the_estimate_and_loses_nothing(
     dead = TokenizerUpstream("vllm")
     dead.flavour = "none"  # streams, but its tokenizer endpoints answer 404
     try:
-        config = tmp_path / "config.toml"
-        config.write_text(PRICES + "[proxy]\ndefault_plan = \"enterprise\"\n" + backend(
-            "vllm", dead.url, '{ type = "tokenize", api = "vllm" }'))
-        running = start_proxy(tmp_path, mongo_uri, config)
+        running = start_vllm_proxy(tmp_path, mongo_uri, dead)
         try:
             key = make_key()
             chat(running, key, "vllm-model")
@@ -202,10 +211,7 @@ def test_counts_in_flight_at_shutdown_are_finished_and_stored(
         tmp_path: Path, mongo_uri: str, db: MongoClient, make_key):
     slow = TokenizerUpstream("vllm")
     try:
-        config = tmp_path / "config.toml"
-        config.write_text(PRICES + "[proxy]\ndefault_plan = \"enterprise\"\n" + backend(
-            "vllm", slow.url, '{ type = "tokenize", api = "vllm" }'))
-        running = start_proxy(tmp_path, mongo_uri, config)
+        running = start_vllm_proxy(tmp_path, mongo_uri, slow)
         try:
             key = make_key()
             slow.hold_tokenizer()
