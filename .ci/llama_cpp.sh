@@ -87,12 +87,11 @@ if ! command -v cmake > /dev/null; then
         --target "$WORK/cmake" cmake >&2
     CMAKE=$WORK/cmake/cmake/data/bin/cmake
 fi
-cmake() { "$CMAKE" "$@"; }
 
 GENERATOR=()
 command -v ninja > /dev/null && GENERATOR=(-G Ninja)
-if ! { cmake -S "$SRC/vendor/llama.cpp" -B "$WORK/build" "${GENERATOR[@]}" "${CMAKE_FLAGS[@]}" \
-        && cmake --build "$WORK/build" --target llama-server -j "$(nproc)"; } \
+if ! { "$CMAKE" -S "$SRC/vendor/llama.cpp" -B "$WORK/build" "${GENERATOR[@]}" "${CMAKE_FLAGS[@]}" \
+        && "$CMAKE" --build "$WORK/build" --target llama-server -j "$(nproc)"; } \
         > "$WORK/build.log" 2>&1; then
     tail -n 40 "$WORK/build.log" >&2
     say "llama.cpp did not build"
