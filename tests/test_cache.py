@@ -212,3 +212,27 @@ def test_expire_all_refreshes_values_and_reloads_misses(monkeypatch):
         assert keys.loads == loads + 1
 
     asyncio.run(go())
+
+
+def test_a_valid_key_loading_during_expire_all_is_kept_stale(monkeypatch):
+    """The watcher opens its stream (expire_all) while a request's lookup is under way:
+    the key must still be cached — served while it refreshes, and through a database
+    outage — not dropped (it then needed a lookup: 503 with the database down, 429 past
+    the address's unknown-key budget)."""
+    async def go():
+        cache, keys, _ = miss_cache(monkeypatch)
+        keys.existing.add("valid")
+        keys.gate.clear()
+        keys.waiting.clear()
+        pending = asyncio.create_task(cache.get("valid"))
+        await keys.waiting.wait()
+        cache.expire_all()
+        keys.gate.set()
+        assert await pending == "VALID"
+        assert not cache.needs_load("valid")  # kept, stale
+        loads = keys.loads
+        assert await cache.get("valid") == "VALID"  # served; its refresh started
+        await asyncio.sleep(0)
+        assert keys.loads == loads + 1
+
+    asyncio.run(go())

@@ -13,7 +13,8 @@ created since must work once the miss's TTL is over, not one refresh later).
 
 ``invalidate`` drops a key, and a load of it already under way is not stored (it may have
 read the database before the change that invalidated it); ``expire_all`` makes every entry
-stale at once (changes may have been missed).
+stale at once, loads under way included (changes may have been missed): a value is then
+still served while it refreshes — during a database outage too — and a miss is reloaded.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class RefreshingCache[K, V]:
         self._max_hits, self._max_misses = max_entries, max_misses
         self._inflight: dict[K, asyncio.Future[_Entry[V]]] = {}
         self._outdated: set[K] = set()  # in flight, invalidated since: not to be stored
+        self._expired: set[K] = set()  # in flight during expire_all: stored stale
         self._tasks: set[asyncio.Task] = set()
         self.hits = self.misses = 0  # gets served from the cache / that waited for a load
 
@@ -92,12 +94,12 @@ class RefreshingCache[K, V]:
             self._outdated.add(key)
 
     def expire_all(self) -> None:
-        """Every entry stale now: values are refreshed on their next use, misses reloaded,
-        and loads under way not stored."""
+        """Every entry stale now, and loads under way stored stale: values are refreshed
+        on their next use (and served meanwhile), misses reloaded."""
         for segment in (self._hits, self._misses):
             for entry in segment.values():
                 entry.fresh_until = float("-inf")
-        self._outdated.update(self._inflight)
+        self._expired.update(self._inflight)
 
     def peek(self, key: K) -> V | None:
         """The cached value, fresh or not, without using it (None: not cached)."""
@@ -141,6 +143,8 @@ class RefreshingCache[K, V]:
             value, ttl = await self._load(key)
             now = time.monotonic()
             entry = _Entry(value, now + ttl, now)
+            if key in self._expired:  # it may predate a missed change: refreshed on use
+                entry.fresh_until = float("-inf")
             if key not in self._outdated:
                 self._store(key, entry)
             future.set_result(entry)
@@ -152,3 +156,4 @@ class RefreshingCache[K, V]:
         finally:
             del self._inflight[key]
             self._outdated.discard(key)
+            self._expired.discard(key)

@@ -46,6 +46,10 @@ class Database:
         loader.add_option(
             "embedded_db_port", int, DEFAULT_PORT, "Loopback port of the embedded database."
         )
+        # pymongo logs every command and server check at DEBUG, as JSON: with the key
+        # watcher's getMore each second that flooded mitmweb's event log (and debug
+        # terminal logs) with lines no operator reads. Its warnings still show.
+        logging.getLogger("pymongo").setLevel(logging.INFO)
 
     def configure(self, updated: set[str]) -> None:
         if "embedded_db_port" in updated and not 0 < ctx.options.embedded_db_port < 65536:
