@@ -236,3 +236,28 @@ def test_a_valid_key_loading_during_expire_all_is_kept_stale(monkeypatch):
         assert keys.loads == loads + 1
 
     asyncio.run(go())
+
+
+def test_a_get_after_an_invalidation_does_not_share_the_load_it_made_outdated(monkeypatch):
+    """A key revoked while its lookup is under way: a request that comes after the change
+    stream said so must not get that lookup's answer (read before the revocation), nor
+    may the outdated load's end forget the new one."""
+    async def go():
+        cache, keys, _ = miss_cache(monkeypatch)
+        keys.existing.add("key")
+        keys.gate.clear()
+        first = asyncio.create_task(cache.get("key"))
+        await keys.waiting.wait()  # the query has read: the key exists
+        keys.existing.discard("key")  # revoked
+        cache.invalidate("key")  # the change stream says so
+        assert cache.needs_load("key")
+        keys.waiting.clear()
+        later = asyncio.create_task(cache.get("key"))
+        await keys.waiting.wait()  # a query of its own, after the revocation
+        keys.gate.set()
+        assert await first == "KEY"  # came before the revocation
+        assert await later is None
+        assert keys.loads == 2
+        assert await cache.get("key") is None and keys.loads == 2  # the new answer is kept
+
+    asyncio.run(go())

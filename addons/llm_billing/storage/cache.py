@@ -12,7 +12,8 @@ keys only ever evicts other misses, never a valid key; a miss is never served st
 created since must work once the miss's TTL is over, not one refresh later).
 
 ``invalidate`` drops a key, and a load of it already under way is not stored (it may have
-read the database before the change that invalidated it); ``expire_all`` makes every entry
+read the database before the change that invalidated it) nor shared with later callers
+(they load anew); ``expire_all`` makes every entry
 stale at once, loads under way included (changes may have been missed): a value is then
 still served while it refreshes — during a database outage too — and a miss is reloaded.
 """
@@ -54,8 +55,8 @@ class RefreshingCache[K, V]:
         self._misses: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._max_hits, self._max_misses = max_entries, max_misses
         self._inflight: dict[K, asyncio.Future[_Entry[V]]] = {}
-        self._outdated: set[K] = set()  # in flight, invalidated since: not to be stored
-        self._expired: set[K] = set()  # in flight during expire_all: stored stale
+        self._expired: set[asyncio.Future[_Entry[V]]] = set()  # loads under way during
+        # expire_all: stored stale
         self._tasks: set[asyncio.Task] = set()
         self.hits = self.misses = 0  # gets served from the cache / that waited for a load
 
@@ -90,8 +91,7 @@ class RefreshingCache[K, V]:
     def invalidate(self, key: K) -> None:
         self._hits.pop(key, None)
         self._misses.pop(key, None)
-        if key in self._inflight:
-            self._outdated.add(key)
+        self._inflight.pop(key, None)  # not stored, not shared: later gets load anew
 
     def expire_all(self) -> None:
         """Every entry stale now, and loads under way stored stale: values are refreshed
@@ -99,7 +99,7 @@ class RefreshingCache[K, V]:
         for segment in (self._hits, self._misses):
             for entry in segment.values():
                 entry.fresh_until = float("-inf")
-        self._expired.update(self._inflight)
+        self._expired.update(self._inflight.values())
 
     def peek(self, key: K) -> V | None:
         """The cached value, fresh or not, without using it (None: not cached)."""
@@ -143,9 +143,9 @@ class RefreshingCache[K, V]:
             value, ttl = await self._load(key)
             now = time.monotonic()
             entry = _Entry(value, now + ttl, now)
-            if key in self._expired:  # it may predate a missed change: refreshed on use
+            if future in self._expired:  # it may predate a missed change: refreshed on use
                 entry.fresh_until = float("-inf")
-            if key not in self._outdated:
+            if self._inflight.get(key) is future:  # not invalidated meanwhile
                 self._store(key, entry)
             future.set_result(entry)
             return entry
@@ -154,6 +154,6 @@ class RefreshingCache[K, V]:
             future.exception()  # consumed: no "never retrieved" warning
             raise
         finally:
-            del self._inflight[key]
-            self._outdated.discard(key)
-            self._expired.discard(key)
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+            self._expired.discard(future)
