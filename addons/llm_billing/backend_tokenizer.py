@@ -39,6 +39,7 @@ from .upstream_auth import apply_credential
 logger = logging.getLogger(__name__)
 
 TIMEOUT = 10.0  # seconds for all of one response's tokenizer calls
+MAX_REASON = 300  # characters of why counting failed, in the log and the event
 CONCURRENCY = 8  # tokenizer calls in flight per backend: a burst must not swamp it
 
 
@@ -94,6 +95,7 @@ class BackendTokenizer:
             reason = _reason(e)
             if redactor := Redactor(rc.secrets):  # an answer quoted may hold a key
                 reason = redactor.text(reason)
+            reason = reason[:MAX_REASON]  # cut once redacted: no head of a secret is left
             logger.warning(f"backend {backend.name!r}: its tokenizer could not count "
                            f"request {rc.event_id} ({reason}); billed by estimate")
             settle(replace(outcome, estimate_method=f"{outcome.estimate_method}; "

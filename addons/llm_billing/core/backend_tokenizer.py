@@ -21,11 +21,12 @@ call's JSON answer; it returns the ``CountedUsage``. The I/O is the caller's
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError, ext
+from jinja2 import Template, TemplateError, ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .usage import MAX_TOKENS, Protocol
@@ -42,7 +43,8 @@ _TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt",
 
 
 class TokenizerError(Exception):
-    """The backend's tokenizer could not count (its answer says why)."""
+    """The backend's tokenizer could not count (its answer says why, quoted in full: cut
+    only once redacted, or a secret cut through would keep its head)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +188,7 @@ def _llama_server_prompt(protocol: Protocol,
         answer = yield TokenizeCall("/apply-template", body)
         rendered = answer.get("prompt") if isinstance(answer, dict) else None
         if not isinstance(rendered, str):
-            raise TokenizerError(f"/apply-template answered without a prompt: {answer!r:.200}")
+            raise TokenizerError(f"/apply-template answered without a prompt: {answer!r}")
         texts = [rendered]
     else:
         texts = _prompts(request.get("prompt"))
@@ -210,12 +212,18 @@ def render_chat(fallback: UsageFallback, request: dict[str, Any]) -> str | None:
     variables = {k: request[k] for k in ("tools", "functions", "tool_choice", "function_call")
                  if k in request}
     try:
-        return _environment().from_string(fallback.chat_template).render(
+        return _template(fallback.chat_template).render(
             messages=_messages(request), bos_token=fallback.bos_token,
             eos_token=fallback.eos_token, add_generation_prompt=True,
             raise_exception=raise_exception, **variables)
     except TemplateError as e:
         raise TokenizerError(f"chat template: {e}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _template(source: str) -> Template:
+    """Compiled once: ~10 ms on the event loop, per request otherwise."""
+    return _environment().from_string(source)
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
@@ -257,14 +265,14 @@ def _prompts(prompt: Any) -> list[str | int]:
 def _count(answer: Any, key: str) -> int:
     value = answer.get(key) if isinstance(answer, dict) else None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
-        raise TokenizerError(f"the tokenizer answered without a {key!r}: {answer!r:.200}")
+        raise TokenizerError(f"the tokenizer answered without a {key!r}: {answer!r}")
     return value
 
 
 def _tokens(answer: Any) -> int:
     tokens = answer.get("tokens") if isinstance(answer, dict) else None
     if not isinstance(tokens, list):
-        raise TokenizerError(f"the tokenizer answered without 'tokens': {answer!r:.200}")
+        raise TokenizerError(f"the tokenizer answered without 'tokens': {answer!r}")
     return len(tokens)
 
 
