@@ -313,3 +313,31 @@ def test_with_the_embedded_database_a_key_created_after_it_was_tried_works_next(
             await auth.watcher.stop()
 
     asyncio.run(go())
+
+
+def test_a_key_deleted_while_its_lookup_is_under_way_is_not_cached_valid():
+    """The lookup read the key, then it was deleted: a delete names only the _id, whose
+    secret the cache does not know yet. The key must not stay valid for key_cache_ttl."""
+    async def test(auth: KeyAuth, database: FakeDatabase, changes: Changes) -> None:
+        keys = database.keys
+        doc = key_doc("doomed")
+        keys.docs[doc["secret"]] = doc
+        read, gate = asyncio.Event(), asyncio.Event()
+        find_one = keys.find_one
+
+        async def held(query: dict[str, Any], projection: Any = None) -> Any:
+            found = await find_one(query, projection)
+            read.set()
+            await gate.wait()
+            return found
+        keys.find_one = held  # type: ignore[method-assign]
+        first = asyncio.create_task(auth.lookup(token_hash("doomed")))
+        await read.wait()  # it has read the key
+        del keys.docs[doc["secret"]]
+        await changes.send("delete", doc)
+        gate.set()
+        await first  # came before the deletion: either answer will do
+        keys.find_one = find_one  # type: ignore[method-assign]
+        assert await auth.lookup(token_hash("doomed")) is None
+
+    run_with_watcher(test)

@@ -32,6 +32,7 @@ import hmac
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -120,6 +121,9 @@ class KeyAuth:
             max_misses=max_unknown_keys, max_age=KEY_CACHE_MAX_STALE)
         self._max_keys = max_keys
         self._secrets_by_id: dict[Any, str] = {}  # cached valid keys: what a deletion names
+        # Keys forgotten lately, numbered: a lookup under way may have read one before.
+        self._forgotten: deque[tuple[int, Any]] = deque(maxlen=1024)
+        self._forgets = 0
         self._unknown_lookups = ClientRate(UNKNOWN_KEY_LOOKUPS_PER_MINUTE)
         self.last_used = KeysLastUsed(database)
         self.watcher = KeyWatcher(database, self.key_changed, self._cache.expire_all)
@@ -240,6 +244,8 @@ class KeyAuth:
 
     def forget_key(self, key_id: Any) -> None:
         """Key ``key_id`` was changed or deleted here: look it up on its next use."""
+        self._forgets += 1
+        self._forgotten.append((self._forgets, key_id))
         if (secret := self._secrets_by_id.pop(key_id, None)) is not None:
             self._cache.invalidate(secret)
 
@@ -248,7 +254,7 @@ class KeyAuth:
         here or elsewhere: its cached entries go, unless they already say what it says
         (our own ``date_last_used`` writes change nothing that matters)."""
         secret = doc.get("secret") if doc is not None else None
-        if self._secrets_by_id.get(key_id) != secret:  # deleted, or a new secret
+        if doc is None or self._secrets_by_id.get(key_id) != secret:  # deleted, new secret
             self.forget_key(key_id)
         if not isinstance(secret, str):
             return
@@ -266,6 +272,7 @@ class KeyAuth:
         return record.caller
 
     async def _fetch(self, secret_hash: str) -> tuple[_KeyRecord, float]:
+        forgets = self._forgets
         client = await self.database.client()
         doc = await client.cgc.api_keys.find_one(
             key_query(secret_hash, datetime.now(UTC)),
@@ -274,6 +281,9 @@ class KeyAuth:
         if doc is not None and "user_id" not in doc:
             logger.warning(f"API key {doc.get('_id')!r} has no user_id; refusing it")
         record = _record(doc, secret_hash)
+        if record.caller is not None and self._forgets != forgets and any(
+                n > forgets and k == record.caller.key_id for n, k in self._forgotten):
+            self._cache.invalidate(secret_hash)  # it changed after we read it: not kept
         if record.caller is None:
             return record, ctx.options.key_cache_negative_ttl
         if len(self._secrets_by_id) >= 2 * self._max_keys:  # keys evicted from the cache
