@@ -50,6 +50,9 @@ class BackendTokenizer:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task] = set()
         self._warned: set[str] = set()
+        # httpx logs each request's URL at INFO: a query credential (and an alert URL's
+        # token, quota_alerts.py) would show in the proxy's log. Its warnings still do.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def wants(self, rc: RequestContext, outcome: Outcome) -> bool:
         """Whether this settled flow's usage is for the backend to count. A backend
