@@ -328,3 +328,14 @@ usage_fallback = {{ type = "tokenize", api = "vllm" }}
         asyncio.run(go())
     assert results and sent and sent[0].url.params["key"] == secret
     assert secret not in caplog.text
+
+
+def test_a_large_batch_of_prompts_is_estimated_not_counted_one_call_each():
+    prompts = [f"p{i}" for i in range(65)]
+    with pytest.raises(TokenizerError, match="a batch of 65 prompts"):
+        run(UsageFallback("vllm"), COMPLETIONS, {"prompt": prompts}, "", [])
+    calls, _ = run(UsageFallback("vllm"), COMPLETIONS, {"prompt": prompts[:64]}, "",
+                   [{"count": 1}] * 64)
+    assert len(calls) == 64
+    _, counted = run(UsageFallback("vllm"), COMPLETIONS, {"prompt": list(range(500))}, "", [])
+    assert counted.prompt_tokens == 500  # token ids: nothing to call

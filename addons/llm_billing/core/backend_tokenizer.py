@@ -36,6 +36,7 @@ TOKENIZER_APIS = ("vllm", "llama-server", "llama-cpp-python")
 METHOD = "backend tokenizer"
 METHOD_NO_TEMPLATE = (f"{METHOD}; prompt: the messages' text without the chat template "
                       "(set usage_fallback.chat_template for exact counts)")
+MAX_PROMPTS = 64  # texts in one completions request counted one call each
 COUNTED_PROTOCOLS = (Protocol.OPENAI_CHAT, Protocol.OPENAI_COMPLETIONS)
 # What a chat request may carry that changes how its template renders.
 _TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt",
@@ -252,7 +253,12 @@ def _message_texts(messages: Any) -> list[str]:
 
 
 def _prompts(prompt: Any) -> list[str | int]:
-    """A completion's prompt as texts to count, or counts already known (token ids)."""
+    """A completion's prompt as texts to count, or counts already known (token ids). A
+    batch of more than ``MAX_PROMPTS`` texts is estimated: one call each would hold a
+    slot of the backend's tokenizer for the whole budget, and others' counts behind it."""
+    if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS and \
+            not all(isinstance(p, int) for p in prompt):
+        raise TokenizerError(f"a batch of {len(prompt)} prompts (over {MAX_PROMPTS})")
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):

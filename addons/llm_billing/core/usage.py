@@ -12,6 +12,7 @@ billed an estimate, never the absurd value.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 from collections.abc import Callable
@@ -276,7 +277,8 @@ class UsageTracker:
         self._can_defer = protocol in _CONTENT_ONLY_STREAMS
         self.timings: dict[str, Any] | None = None  # llama.cpp's per-request timings
         self.usage_anomaly: str | None = None  # why the reported usage is not trusted
-        self._kept: list[str] | None = [] if keep_text else None
+        # One buffer, not a str per delta (~60 bytes each): ~4 bytes a character at most.
+        self._kept: io.StringIO | None = io.StringIO() if keep_text else None
 
     @property
     def output_chars(self) -> int:
@@ -288,13 +290,14 @@ class UsageTracker:
     def output_text(self) -> str | None:
         """The delivered content, if kept and not over ``MAX_KEPT_TEXT``."""
         self._count_deferred()
-        return None if self._kept is None else "".join(self._kept)
+        return None if self._kept is None else self._kept.getvalue()
 
     def _deliver(self, part: Any) -> None:
         texts = _texts(part)
         self._output_chars += sum(map(len, texts))
         if self._kept is not None:
-            self._kept.extend(texts)
+            for text in texts:
+                self._kept.write(text)
             if self._output_chars > MAX_KEPT_TEXT:
                 self._kept = None  # too long to send to a tokenizer: estimated instead
 
