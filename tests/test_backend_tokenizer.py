@@ -207,12 +207,20 @@ def settled_outcome(answer: Callable[[httpx.Request], httpx.Response], template:
                     secrets: tuple[str, ...] = ()) -> list[Outcome]:
     """Settle one streamed llama-cpp-python chat without usage through BackendTokenizer,
     its backend answering with ``answer``; the outcomes handed to settle."""
+    return settle_counted(answer, "usage_fallback = { type = \"tokenize\", api = "
+                          f"\"llama-cpp-python\", chat_template = \"{template}\" }}", secrets)
+
+
+def settle_counted(answer: Callable[[httpx.Request], httpx.Response], backend_toml: str,
+                   secrets: tuple[str, ...] = ()) -> list[Outcome]:
+    """Settle one streamed chat without usage through BackendTokenizer, its backend (one
+    configured with ``backend_toml``'s lines) answering with ``answer``."""
     config = parse_config(f'''
 [[backends]]
 name = "b"
 url = "http://127.0.0.1:9"
 models = ["m"]
-usage_fallback = {{ type = "tokenize", api = "llama-cpp-python", chat_template = "{template}" }}
+{backend_toml}
 ''', {})
     backend = config.backends[0]
     rc = RequestContext(Caller("k", "u"), config.routes["/v1/chat/completions"],
@@ -295,37 +303,16 @@ def test_a_chat_template_is_compiled_once_not_per_request(monkeypatch):
 def test_a_query_credential_never_reaches_the_log(caplog):
     """httpx logs each request's URL at INFO, query included: the backend's key with it."""
     secret = "sk-tokenizer-" + "z" * 24
-    config = parse_config(f'''
-[[backends]]
-name = "b"
-url = "http://127.0.0.1:9"
-models = ["m"]
-auth = {{ type = "query", name = "key", value = "{secret}" }}
-usage_fallback = {{ type = "tokenize", api = "vllm" }}
-''', {})
-    backend = config.backends[0]
-    rc = RequestContext(Caller("k", "u"), config.routes["/v1/chat/completions"],
-                        "/v1/chat/completions", backend=backend, model="m",
-                        tokenizer_input={"model": "m", "messages": MESSAGES})
-    rc.meter = StreamMeter(CHAT, sse=True, content_encoding="", hide_usage_chunk=False,
-                           keep_text=True)
-    rc.meter(b'data: {"choices":[{"delta":{"content":"Hello"}}]}\n\ndata: [DONE]\n\n')
-    rc.meter(b"")
-    estimate = Outcome(status=200, usage=Usage(3, 2), estimated=True, complete=True)
     sent: list[httpx.Request] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
         sent.append(request)
         return httpx.Response(200, json={"count": 4})
-    tokenizer = BackendTokenizer(httpx.MockTransport(answer))
-    results: list[Outcome] = []
-
-    async def go() -> None:
-        tokenizer.count_later(rc, estimate, results.append)
-        await tokenizer.done()
 
     with caplog.at_level(logging.DEBUG):
-        asyncio.run(go())
+        results = settle_counted(
+            answer, f'auth = {{ type = "query", name = "key", value = "{secret}" }}\n'
+                    'usage_fallback = { type = "tokenize", api = "vllm" }')
     assert results and sent and sent[0].url.params["key"] == secret
     assert secret not in caplog.text
 
